@@ -1,0 +1,378 @@
+"""``QuietStarForCausalLM``: any transformers-v5 causal LM that thinks before every token.
+
+The base model's modeling code is untouched: thoughts work through the attention interface
+(``quietstar_*`` names), position ids and the ``thought_layout`` keyword. One forward is::
+
+    sample thoughts (no grad, cached)  ->  replay (one forward with grad over (1+S)L tokens)
+    ->  base / talk logits  ->  mixing head  ->  NLL terms, rewards, REINFORCE  ->  loss
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .attention import TORCH, check_attention_name, register_attention_paths
+from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConfig
+from .delimiters import ThoughtDelimiterEmbedding
+from .layout import ThoughtLayout, base_position_ids, step_of
+from .losses import IGNORE, quietstar_loss, shift_ahead, talk_targets
+from .mixing import MixingHead
+from .sampling import pick_tokens, sample_thoughts
+
+register_attention_paths()
+
+
+@dataclass
+class QuietStarOutput(ModelOutput):
+    """Outputs of :meth:`QuietStarForCausalLM.forward`; batch is ``B * n_passes`` (passes adjacent)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # [B, L, V]     mixed prediction of x_{i+1}
+    base_logits: torch.Tensor | None = None  # [B, L, V]     base prediction of x_{i+1}
+    talk_logits: torch.Tensor | None = None  # [B, L, K, V]  post-thought prediction of x_{i+1+k}
+    mixed_logits: torch.Tensor | None = None  # [B, L, K, V]  mixed prediction of x_{i+1+k}
+    mixing_weights: torch.Tensor | None = None  # [B, L, K]
+    thought_ids: torch.Tensor | None = None  # [B, L, N]
+    rewards: torch.Tensor | None = None  # [B, L]  r_i before the baseline
+    advantages: torch.Tensor | None = None  # [B, L]  after baseline and clamp (with labels only)
+    loss_terms: dict | None = None  # detached 0-d tensors: nll_base, nll_talk, policy_loss, ...
+
+
+class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = QuietStarConfig
+    supports_gradient_checkpointing = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: QuietStarConfig, base_lm: PreTrainedModel | None = None):
+        super().__init__(config)
+        register_attention_paths()
+        attn = check_attention_name(config.thought_attn_implementation)
+        if base_lm is None:
+            base_lm = AutoModelForCausalLM.from_config(copy.deepcopy(config.base_config), attn_implementation=attn)
+        _check_base_model(base_lm)
+        base_lm.set_attn_implementation(attn)
+        self.base_lm = base_lm
+        self.config.base_config = base_lm.config  # one object: the base config the base model runs with
+        start_id, end_id = config.thought_token_ids
+        embedding = base_lm.get_input_embeddings()
+        if not isinstance(embedding, ThoughtDelimiterEmbedding):
+            wrapped = ThoughtDelimiterEmbedding(embedding, start_id, end_id, config.embedding_scale)
+            wrapped._is_hf_initialized = True  # holds the base model's own table: post_init must not re-initialise it
+            base_lm.set_input_embeddings(wrapped)
+        hidden = embedding.embedding_dim
+        self.mixing_head = MixingHead(hidden, config.mixing_head_activation).to(
+            device=embedding.weight.device, dtype=embedding.weight.dtype
+        )
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_base(cls, base_model_or_path, tokenizer=None, **thought_kwargs) -> "QuietStarForCausalLM":
+        """Wrap a causal LM (a model or a path/hub id) with Quiet-STaR; base weights are kept as they are.
+
+        ``thought_kwargs`` are :class:`QuietStarConfig` fields by name (``n_thought_tokens``,
+        ``n_talk_tokens``, ``n_passes``, ...); ``attn_implementation`` picks the thought attention path.
+        With a ``tokenizer`` the two delimiter tokens are added to it and their ids used; without,
+        the ids are the two rows past the embedding table.
+        """
+        attn = check_attention_name(thought_kwargs.pop("attn_implementation", TORCH))
+        allowed = {f.name for f in fields(QuietStarConfig)} - {"base_config", "start_thought_token_id", "end_thought_token_id"}
+        for key in thought_kwargs:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"from_base() got an unknown thought setting {key!r}{hint}")
+        if isinstance(base_model_or_path, (str, os.PathLike)):
+            if os.path.sep in str(base_model_or_path) and not os.path.exists(base_model_or_path):
+                raise FileNotFoundError(f"base model path {str(base_model_or_path)!r} does not exist")
+            base = AutoModelForCausalLM.from_pretrained(base_model_or_path, attn_implementation=attn)
+        elif isinstance(base_model_or_path, PreTrainedModel):
+            base = base_model_or_path
+        else:
+            raise TypeError(f"from_base expects a transformers causal LM or a path, got {type(base_model_or_path).__name__}")
+        _check_base_model(base)
+        embedding = base.get_input_embeddings()
+        if tokenizer is not None:
+            start_id, end_id = add_thought_tokens(tokenizer)
+            init_ids = tokenizer("---", add_special_tokens=False)["input_ids"]
+            init_ids = [i for i in init_ids if i < embedding.num_embeddings] or list(range(embedding.num_embeddings))
+        else:
+            start_id, end_id = embedding.num_embeddings, embedding.num_embeddings + 1
+            init_ids = list(range(embedding.num_embeddings))
+        config = QuietStarConfig(
+            base_config=base.config,
+            start_thought_token_id=start_id,
+            end_thought_token_id=end_id,
+            thought_attn_implementation=attn,
+            **thought_kwargs,
+        )
+        model = cls(config, base_lm=base)
+        with torch.no_grad():  # delimiters start as the embedding of "---" (ALGORITHM.md)
+            init = embedding.weight[torch.tensor(init_ids, device=embedding.weight.device)].mean(0)
+            model.delimiter_embedding.init_delimiters(init)
+        return model
+
+    def _init_weights(self, module):
+        # Only our own head; the base model's modules are initialised (or loaded) by the base model.
+        if isinstance(module, MixingHead):
+            module.reset_parameters()
+
+    @property
+    def delimiter_embedding(self) -> ThoughtDelimiterEmbedding:
+        return self.base_lm.get_input_embeddings()
+
+    def get_input_embeddings(self):
+        return self.base_lm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.base_lm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.base_lm.get_output_embeddings()
+
+    def set_attn_implementation(self, attn_implementation, **kwargs):
+        """Switch the thought attention path (``quietstar_torch``, ``quietstar_triton``, ``quietstar_reference``)."""
+        name = check_attention_name(attn_implementation)
+        self.base_lm.set_attn_implementation(name)
+        self.config.thought_attn_implementation = name
+
+    @property
+    def banned_token_ids(self) -> tuple[int, ...]:
+        """Delimiter ids that the LM head can produce (ids past the head's width cannot be emitted)."""
+        vocab = self.get_output_embeddings().out_features
+        return tuple(i for i in self.config.thought_token_ids if i < vocab)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        thought_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> QuietStarOutput:
+        """Think at every position of ``input_ids`` ``[B, L]``; see :class:`QuietStarOutput`.
+
+        ``labels`` ``[B, L]`` (HF convention: the model shifts; -100 ignored) switch on the loss.
+        ``thought_ids`` ``[B, L, N]`` or ``[B * n_passes, L, N]`` replace sampling.
+        """
+        cfg = self.config
+        P, N, K = cfg.n_passes, cfg.n_thought_tokens, cfg.n_talk_tokens
+        attention_mask = self._check_inputs(input_ids, attention_mask, labels, thought_ids)
+        input_ids, attention_mask = input_ids.repeat_interleave(P, 0), attention_mask.repeat_interleave(P, 0)
+        position_ids = base_position_ids(attention_mask)
+        lm_head = self.get_output_embeddings()
+
+        if thought_ids is None:
+            thought_ids = sample_thoughts(
+                self.base_lm.base_model,
+                lm_head,
+                input_ids,
+                attention_mask,
+                position_ids,
+                n_thought_tokens=N,
+                start_thought_id=cfg.start_thought_token_id,
+                temperature=cfg.thought_temperature,
+                banned_ids=self.banned_token_ids,
+                generator=generator,
+            )
+        elif thought_ids.shape[0] != input_ids.shape[0]:
+            thought_ids = thought_ids.repeat_interleave(P, 0)
+        thought_ids = thought_ids.to(input_ids.device)
+
+        hidden = self.replay(input_ids, attention_mask, position_ids, thought_ids)  # [B, 1+S, L, H]
+        base_hidden = hidden[:, 0]  # [B, L, H]
+        talk_hidden = hidden[:, step_of.talk(N, 0) : step_of.talk(N, K - 1) + 1].transpose(1, 2)  # [B, L, K, H]
+        base_logits = lm_head(base_hidden)  # [B, L, V]
+        talk_logits = lm_head(talk_hidden)  # [B, L, K, V]
+
+        # w for (i, k) mixes the post-thought state with the base state at i+k, which predicts the same token.
+        mixing_weights = self.mixing_head(shift_ahead(base_hidden, K), talk_hidden)  # [B, L, K]
+        w = mixing_weights[..., None].to(talk_logits.dtype)
+        mixed_logits = (1 - w) * shift_ahead(base_logits, K) + w * talk_logits  # [B, L, K, V]
+
+        loss = advantages = loss_terms = None
+        targets = talk_targets(input_ids if labels is None else labels.repeat_interleave(P, 0), attention_mask, K)
+        if labels is not None:
+            loss, rewards, advantages, loss_terms = quietstar_loss(
+                base_logits=base_logits,
+                mixed_logits=mixed_logits,
+                thought_log_probs=self.thought_log_probs(hidden, thought_ids),
+                targets=targets,
+                n_passes=P,
+                base_loss_weight=cfg.base_loss_weight,
+                talk_loss_weight=cfg.talk_loss_weight,
+                policy_loss_weight=cfg.policy_loss_weight,
+                clip_negative_advantages=cfg.clip_negative_advantages,
+            )
+            real = attention_mask.bool()[:, :, None].expand_as(mixing_weights)
+            loss_terms["mixing_weight_mean"] = mixing_weights.detach()[real].float().mean() if real.any() else mixing_weights.new_zeros(())
+            loss_terms["mixing_weight_std"] = mixing_weights.detach()[real].float().std() if real.sum() > 1 else mixing_weights.new_zeros(())
+        else:
+            with torch.no_grad():  # rewards of the thoughts against the input's own next tokens
+                _, rewards, _, _ = quietstar_loss(
+                    base_logits=base_logits,
+                    mixed_logits=mixed_logits,
+                    thought_log_probs=base_logits.new_zeros(thought_ids.shape),
+                    targets=targets,
+                    n_passes=P,
+                    base_loss_weight=0.0,
+                    talk_loss_weight=0.0,
+                    policy_loss_weight=0.0,
+                    clip_negative_advantages=False,
+                )
+
+        return QuietStarOutput(
+            loss=loss,
+            logits=mixed_logits[:, :, 0],
+            base_logits=base_logits,
+            talk_logits=talk_logits,
+            mixed_logits=mixed_logits,
+            mixing_weights=mixing_weights,
+            thought_ids=thought_ids,
+            rewards=rewards,
+            advantages=advantages,
+            loss_terms=loss_terms,
+        )
+
+    def replay(self, input_ids, attention_mask, position_ids, thought_ids) -> torch.Tensor:
+        """One forward with grad over the flattened ``(1+S)L`` sequence -> hidden states ``[B, 1+S, L, H]``.
+
+        Steps: x, sot, t_1..t_N, eot, x_{i+1}..x_{i+K-1} (tokens past the end are placeholders that
+        only feed predictions without targets).
+        """
+        cfg = self.config
+        B, L = input_ids.shape
+        start = torch.full_like(input_ids, cfg.start_thought_token_id)
+        end = torch.full_like(input_ids, cfg.end_thought_token_id)
+        future = shift_ahead(input_ids, cfg.n_talk_tokens, fill=0)[:, :, 1:].unbind(-1)  # x_{i+k}, k = 1..K-1
+        steps = [input_ids, start, *thought_ids.unbind(-1), end, *future]
+        n_steps = len(steps)  # 1 + S
+        hidden = self.base_lm.base_model(
+            input_ids=torch.cat(steps, dim=1),
+            attention_mask=attention_mask.repeat(1, n_steps),
+            position_ids=torch.cat([position_ids + s for s in range(n_steps)], dim=1),
+            use_cache=False,
+            thought_layout=ThoughtLayout(L, attention_mask.bool()),
+        ).last_hidden_state
+        return hidden.view(B, n_steps, L, hidden.shape[-1])
+
+    def thought_log_probs(self, hidden: torch.Tensor, thought_ids: torch.Tensor) -> torch.Tensor:
+        """log pi(t_j) at the REINFORCE temperature, delimiters excluded: ``[B, L, N]``.
+
+        The hidden state at step j (sot for j = 1) predicts t_j. One step at a time keeps only one
+        ``[B, L, V]`` logits tensor live outside autograd's saved tensors.
+        """
+        lm_head, banned = self.get_output_embeddings(), list(self.banned_token_ids)
+        log_probs = []
+        for j in range(1, self.config.n_thought_tokens + 1):
+            logits = lm_head(hidden[:, step_of.start_thought + j - 1]).float() / self.config.reinforce_temperature
+            if banned:
+                logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+            log_probs.append(torch.log_softmax(logits, -1).gather(-1, thought_ids[..., j - 1 : j]).squeeze(-1))
+        return torch.stack(log_probs, dim=-1)
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_inputs(self, input_ids, attention_mask, labels, thought_ids) -> torch.Tensor:
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, length] tensor of token ids, got {got}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        B, L = input_ids.shape
+        if L < 1:
+            raise ValueError("input_ids has length 0")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}; "
+                "labels are unshifted token ids (the model shifts them), -100 to ignore"
+            )
+        base_cfg = self.base_lm.config
+        max_positions = getattr(base_cfg, "max_position_embeddings", None)
+        S = cfg.n_extra_steps
+        if max_positions is not None and L + S > max_positions:
+            raise ValueError(
+                f"sequence too long: {L} tokens + {S} thought steps (S = N + K + 1) need position ids up to "
+                f"{L + S - 1}, but the base model allows {max_positions} positions; use at most {max_positions - S} tokens"
+            )
+        window = getattr(base_cfg, "sliding_window", None)
+        if window is not None and getattr(base_cfg, "use_sliding_window", True) and L + S > window:
+            raise ValueError(
+                f"sequence of {L} tokens + {S} thought steps exceeds the base model's sliding window ({window}); "
+                "the thought attention paths implement full causal attention only"
+            )
+        vocab = self.get_output_embeddings().out_features
+        if thought_ids is not None:
+            P, N = cfg.n_passes, cfg.n_thought_tokens
+            if thought_ids.dim() != 3 or thought_ids.shape[0] not in (B, B * P) or thought_ids.shape[1:] != (L, N):
+                raise ValueError(
+                    f"thought_ids must be [B, L, N] = [{B}, {L}, {N}] or [B * n_passes, L, N] = [{B * P}, {L}, {N}], "
+                    f"got {tuple(thought_ids.shape)}"
+                )
+            start_id, end_id = cfg.thought_token_ids
+            if ((thought_ids == start_id) | (thought_ids == end_id)).any():
+                raise ValueError(f"thought_ids contain a thought delimiter id ({start_id} or {end_id}); delimiters are not thought tokens")
+            if (thought_ids < 0).any() or (thought_ids >= vocab).any():
+                raise ValueError(f"thought_ids must be token ids in [0, {vocab})")
+        return attention_mask
+
+    # ------------------------------------------------------------------ generation (thinking generate(): issue 5)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        raise NotImplementedError(
+            "thinking generate() is not implemented yet; call model.base_lm.generate(...) for the base model"
+        )
+
+
+def _check_base_model(base) -> None:
+    if not isinstance(base, PreTrainedModel) or base.get_output_embeddings() is None:
+        raise TypeError(f"the base model must be a transformers causal LM with an LM head, got {type(base).__name__}")
+    if not getattr(base, "_supports_attention_backend", False):
+        raise TypeError(
+            f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, "
+            "so thoughts cannot be injected; Quiet-STaR needs a v5 decoder that does (Llama, Mistral, Qwen2/3, GPT-2, ...)"
+        )
+    embedding = base.get_input_embeddings()
+    if type(embedding) not in (nn.Embedding, ThoughtDelimiterEmbedding):
+        raise TypeError(
+            f"{type(base).__name__} uses a {type(embedding).__name__} input embedding; only plain nn.Embedding is supported"
+        )
+
+
+def add_thought_tokens(tokenizer) -> tuple[int, int]:
+    """Add ``<|startthought|>`` / ``<|endthought|>`` as special tokens (if absent); return their ids."""
+    tokenizer.add_tokens([START_THOUGHT_TOKEN, END_THOUGHT_TOKEN], special_tokens=True)
+    return check_thought_tokens(tokenizer)
+
+
+def check_thought_tokens(tokenizer, config: QuietStarConfig | None = None) -> tuple[int, int]:
+    """Ids of the two delimiters in ``tokenizer``; a clear error if it lacks them (or disagrees with ``config``)."""
+    ids = []
+    for token in (START_THOUGHT_TOKEN, END_THOUGHT_TOKEN):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
+            raise ValueError(
+                f"tokenizer lacks the thought delimiter {token!r}; build the model with "
+                "QuietStarForCausalLM.from_base(base, tokenizer=tokenizer), which adds it, or save that tokenizer"
+            )
+        ids.append(int(token_id))
+    if config is not None and tuple(ids) != config.thought_token_ids:
+        raise ValueError(f"tokenizer delimiter ids {tuple(ids)} differ from the model's {config.thought_token_ids}")
+    return ids[0], ids[1]

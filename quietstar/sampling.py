@@ -1,0 +1,63 @@
+"""Thought sampling: no grad, cached, one step of L tokens per call (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import ThoughtLayout
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, banned_ids: tuple[int, ...], generator=None) -> torch.Tensor:
+    """Sample ids from ``softmax(logits / temperature)`` with ``banned_ids`` excluded; 0 = greedy.
+
+    logits ``[..., V]`` -> ids ``[...]``.
+    """
+    logits = logits.float()
+    if banned_ids:
+        logits = logits.clone()
+        logits[..., list(banned_ids)] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return flat.view(probs.shape[:-1])
+
+
+@torch.no_grad()
+def sample_thoughts(
+    decoder,
+    lm_head,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    *,
+    n_thought_tokens: int,
+    start_thought_id: int,
+    temperature: float,
+    banned_ids: tuple[int, ...],
+    generator=None,
+) -> torch.Tensor:
+    """Sample a thought at every position at once: ``[B, L]`` -> thought ids ``[B, L, N]``.
+
+    Call s (s = 0..N) appends step s (base tokens, then ``<|startthought|>``, then t_1..t_{N-1}) of
+    all L positions to the KV cache; the logits of call s >= 1 give t_s.
+    """
+    B, L = input_ids.shape
+    layout = ThoughtLayout(L, attention_mask.bool())
+    cache = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, thought_layout=layout
+    ).past_key_values
+    step_tokens = torch.full_like(input_ids, start_thought_id)
+    thoughts = []
+    for step in range(1, n_thought_tokens + 1):
+        hidden = decoder(
+            input_ids=step_tokens,
+            attention_mask=attention_mask.repeat(1, step + 1),
+            position_ids=position_ids + step,
+            cache=cache,
+            use_cache=True,
+            thought_layout=layout,
+        ).last_hidden_state
+        step_tokens = pick_tokens(lm_head(hidden), temperature, banned_ids, generator)
+        thoughts.append(step_tokens)
+    return torch.stack(thoughts, dim=-1)
