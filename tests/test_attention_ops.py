@@ -1,0 +1,95 @@
+"""quietstar_torch against the dense oracle: outputs and gradients w.r.t. q, k, v."""
+
+import pytest
+import torch
+
+from quietstar.ops import plain_causal_attention, thought_attention_reference, thought_attention_torch
+
+# (B, Hq, Hkv, L, n_key_steps, n_query_steps, D, padding)
+SHAPES = [
+    (2, 4, 4, 13, 2, 2, 16, "left"),  # S = 1, L not a multiple of 16
+    (2, 4, 2, 37, 15, 15, 32, "right"),  # S = 14, GQA
+    (1, 2, 1, 20, 16, 16, 8, None),  # S = 15, MQA
+    (2, 6, 3, 9, 15, 1, 16, "left"),  # cached sampling step: one query step, 15 key steps
+    (3, 2, 2, 1, 5, 5, 4, "right"),  # L = 1
+]
+ATOL = 2e-5  # fp32 inputs, fp32 math on both sides
+
+
+def _inputs(B, Hq, Hkv, L, nk, nq, D, padding, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, nq * L, D, generator=g, requires_grad=True)
+    k = torch.randn(B, Hkv, nk * L, D, generator=g, requires_grad=True)
+    v = torch.randn(B, Hkv, nk * L, D, generator=g, requires_grad=True)
+    pad = None
+    if padding:
+        pad = torch.ones(B, L, dtype=torch.bool)
+        n = min(3, L - 1) if L > 1 else 0
+        if n:
+            if padding == "left":
+                pad[0, :n] = False
+            else:
+                pad[-1, L - n:] = False
+    return q, k, v, pad
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_H{}-{}_L{}_nk{}_nq{}_D{}_{}".format(*s))
+def test_torch_path_matches_reference(shape):
+    B, Hq, Hkv, L, nk, nq, D, padding = shape
+    q, k, v, pad = _inputs(*shape, seed=sum(shape[:7]))
+    scale = 0.3
+    out_ref, lse_ref = thought_attention_reference(q, k, v, base_len=L, key_padding_mask=pad, scale=scale, return_lse=True)
+    out, lse = thought_attention_torch(q, k, v, base_len=L, key_padding_mask=pad, scale=scale, return_lse=True)
+    rows = torch.ones(B, nq * L, dtype=torch.bool) if pad is None else pad.repeat(1, nq)
+    rows = rows[:, None, :].expand(B, Hq, -1)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[rows], out_ref[rows], atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(lse[rows], lse_ref[rows], atol=ATOL, rtol=1e-5)
+
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)) * rows[..., None]
+    grads_ref = torch.autograd.grad(out_ref, (q, k, v), grad_out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for name, got, want in zip("qkv", grads, grads_ref):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_torch_path_chunking_is_exact(monkeypatch):
+    """Force many tiny chunks: the result must not depend on the chunk length."""
+    import quietstar.ops.torch_path as tp
+
+    q, k, v, pad = _inputs(2, 2, 1, 23, 4, 4, 8, "left", seed=3)
+    whole = thought_attention_torch(q, k, v, base_len=23, key_padding_mask=pad)
+    monkeypatch.setattr(tp, "_CHUNK_SCORE_ELEMENTS", 1)
+    chunked = thought_attention_torch(q, k, v, base_len=23, key_padding_mask=pad)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_plain_causal_matches_sdpa_with_cache_offset():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 8, generator=g)
+    k = torch.randn(2, 2, 10, 8, generator=g)
+    v = torch.randn(2, 2, 10, 8, generator=g)
+    pad = torch.ones(2, 10, dtype=torch.bool)
+    pad[0, :2] = False
+    out = plain_causal_attention(q, k, v, padding_mask=pad)
+    # the 3 queries are positions 7, 8, 9 of 10: the last query rows of full causal attention
+    full_q = torch.cat([torch.randn(2, 4, 7, 8, generator=g), q], dim=2)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()[None] & pad[:, None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        full_q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed[:, None]
+    )[:, :, 7:]
+    torch.testing.assert_close(out, ref)
+
+
+def test_bad_shapes_are_named():
+    q = torch.randn(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="whole steps"):
+        thought_attention_torch(q, torch.randn(1, 2, 15, 8), torch.randn(1, 2, 15, 8), base_len=4)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        thought_attention_torch(q, torch.randn(1, 3, 10, 8), torch.randn(1, 3, 10, 8), base_len=5)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        thought_attention_torch(q, torch.randn(1, 2, 10, 8).double(), torch.randn(1, 2, 10, 8), base_len=5)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        thought_attention_torch(q, torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), base_len=5,
+                                key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
