@@ -22,7 +22,7 @@ def tiny_config(arch: str):
         return Qwen3Config(**common, head_dim=8)
     if arch == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                          attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+                          attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
     raise ValueError(arch)
 
 

@@ -1,0 +1,86 @@
+"""Bad input gets a clear error naming the problem, never a shape error from deep inside."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig
+
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+from tiny_models import tiny_base
+
+
+@pytest.fixture(scope="module")
+def model():
+    return QuietStarForCausalLM.from_base(tiny_base("llama"), n_thought_tokens=2, n_talk_tokens=2, n_passes=2)
+
+
+def test_base_model_without_attention_interface():
+    bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=96, hidden_size=32, n_layer=1, n_head=4))
+    with pytest.raises(TypeError, match="AttentionInterface"):
+        QuietStarForCausalLM.from_base(bloom)
+
+
+def test_not_a_model_and_missing_path():
+    with pytest.raises(TypeError, match="causal LM or a path"):
+        QuietStarForCausalLM.from_base(42)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        QuietStarForCausalLM.from_base("/no/such/model/dir")
+
+
+@pytest.mark.parametrize("setting, match", [
+    (dict(n_thought_tokens=0), "n_thought_tokens must be >= 1"),
+    (dict(n_talk_tokens=0), "n_talk_tokens must be >= 1"),
+    (dict(n_passes=0), "n_passes must be >= 1"),
+    (dict(thought_temperature=-1.0), "thought_temperature"),
+    (dict(mixing_head_activation="tanh"), "mixing_head_activation"),
+    (dict(attn_implementation="sdpa"), "cannot compute thoughts"),
+    (dict(n_thougth_tokens=3), "did you mean 'n_thought_tokens'"),
+])
+def test_bad_thought_settings(setting, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        QuietStarForCausalLM.from_base(tiny_base("llama"), **setting)
+
+
+def test_config_without_delimiters():
+    with pytest.raises(ValueError, match="no thought delimiter token ids"):
+        QuietStarForCausalLM(QuietStarConfig(base_config=tiny_base("llama").config))
+
+
+def test_sequence_too_long_once_thought_steps_are_added(model):
+    S = model.config.n_extra_steps  # 2 + 2 + 1
+    ids = torch.randint(0, 90, (1, 128 - S + 1))
+    with pytest.raises(ValueError, match=r"sequence too long: 124 tokens \+ 5 thought steps.*at most 123 tokens"):
+        model(ids)
+    model(ids[:, :-1])  # one fewer fits
+
+
+def test_bad_shapes_and_ids(model):
+    ids = torch.randint(0, 90, (2, 6))
+    with pytest.raises(ValueError, match="labels shape"):
+        model(ids, labels=ids[:, :-1])
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"input_ids must be a \[batch, length\]"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(ids.float())
+    with pytest.raises(ValueError, match=r"thought_ids must be \[B, L, N\]"):
+        model(ids, thought_ids=torch.randint(0, 90, (2, 6, 3)))
+    with pytest.raises(ValueError, match=r"thought_ids must be \[B, L, N\]"):
+        model(ids, thought_ids=torch.randint(0, 90, (3, 6, 2)))
+    bad = torch.randint(0, 90, (2, 6, 2))
+    bad[1, 3, 0] = model.config.start_thought_token_id
+    with pytest.raises(ValueError, match="delimiter"):
+        model(ids, thought_ids=bad)
+    with pytest.raises(ValueError, match=r"token ids in \[0, 96\)"):
+        model(ids, thought_ids=torch.full((2, 6, 2), 500))
+
+
+def test_sliding_window_shorter_than_the_thought_sequence():
+    from tiny_models import tiny_config
+
+    config = tiny_config("mistral")
+    config.sliding_window = 8
+    base = AutoModelForCausalLM.from_config(config)
+    model = QuietStarForCausalLM.from_base(base, n_thought_tokens=2, n_talk_tokens=2)
+    with pytest.raises(ValueError, match="sliding window"):
+        model(torch.randint(0, 90, (1, 6)))
