@@ -1,0 +1,206 @@
+"""Thought attention on one GPU: the fused Triton kernel against every other way to compute it.
+
+    python benchmarks/attention_gpu.py [--L 1024 2048 4096] [--S 8 16] [--heads 32] [--dim 128]
+                                       [--csv out.csv] [--max-dense-mask-gib 4]
+
+For each (L, S), bf16, batch 1, H heads of dim D, forward and forward+backward, it times
+(``triton.testing.do_bench``, median ms) and reports useful TFLOP/s -- counting only the (query, key)
+entries the visibility rule allows, 4*D flops each forward and 2.5x that again for the backward --
+for:
+
+* ``quietstar_triton``  triton_kernels.thought_attention (this repo's fused kernel)
+* ``quietstar_torch``   quietstar.ops.thought_attention_torch (the portable decomposition)
+* ``flex``              torch.compile'd FlexAttention with the rule as ``mask_mod``
+* ``sdpa_dense``        SDPA (memory-efficient backend) with a dense boolean mask, when it fits
+* ``ceiling_causal``    SDPA's causal flash backend over a length with the same useful entry count:
+                        what a dense-tile causal kernel achieves on the same work
+
+Ratios are each path's time over quietstar_triton's (>1: the Triton kernel is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quietstar.layout import is_visible  # noqa: E402
+
+
+def useful_entries(
+    base_len: int,
+    n_key_steps: int,
+    n_query_steps: int | None = None,
+    batch: int = 1,
+    key_padding_mask: torch.Tensor | None = None,
+) -> int:
+    """Number of (query, key) pairs the visibility rule allows, summed over the batch, per head.
+
+    Query ``(s, i)`` sees the real base keys ``j <= i`` and, when ``i`` is real, its ``s`` own extra
+    keys. Without padding: sum over query steps s of ``L(L+1)/2 + s*L``.
+    """
+    L, nk = base_len, n_key_steps
+    nq = nk if n_query_steps is None else n_query_steps
+    steps = range(nk - nq, nk)
+    if key_padding_mask is None:
+        return batch * sum(L * (L + 1) // 2 + s * L for s in steps)
+    real = key_padding_mask.bool().long()  # [B, L]
+    base = int(real.cumsum(-1).sum())  # sum over rows i of #real keys j <= i
+    return nq * base + sum(steps) * int(real.sum())
+
+
+def attention_flops(entries: int, heads: int, head_dim: int, backward: bool) -> float:
+    """2 matmuls x 2 flops per entry per head dim forward; the backward does 2.5x the forward."""
+    forward = 4.0 * entries * heads * head_dim
+    return forward * 3.5 if backward else forward
+
+
+def _thought_mask_mod(base_len: int):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return is_visible(q_idx // base_len, q_idx % base_len, kv_idx // base_len, kv_idx % base_len)
+
+    return mask_mod
+
+
+def _time(fn, backward: bool, inputs, grad_out) -> float:
+    import triton.testing
+
+    if backward:
+        def step():
+            out = fn()
+            torch.autograd.grad(out, inputs, grad_out)
+    else:
+        def step():
+            with torch.no_grad():
+                fn()
+    return triton.testing.do_bench(step, warmup=25, rep=100)
+
+
+def run(args) -> list[dict]:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import triton_kernels
+    from quietstar.ops import thought_attention_torch
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    dev, dtype, B, H, D = "cuda", torch.bfloat16, 1, args.heads, args.dim
+    rows = []
+    for L in args.L:
+        for S in args.S:
+            nk = 1 + S
+            T = nk * L
+            entries = useful_entries(L, nk, batch=B)
+            q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+            g = torch.randn(B, H, T, D, device=dev, dtype=dtype)
+
+            paths = {
+                "quietstar_triton": lambda: triton_kernels.thought_attention(q, k, v, base_len=L),
+                "quietstar_torch": lambda: thought_attention_torch(q, k, v, base_len=L),
+            }
+            skipped = {}
+            block_mask = create_block_mask(_thought_mask_mod(L), None, None, T, T, device=dev)
+            paths["flex"] = lambda: flex(q, k, v, block_mask=block_mask)
+            mask_gib = T * T * (1 + 2) / 2**30  # the bool mask + the backend's bf16 bias copy
+            if mask_gib <= args.max_dense_mask_gib:
+                dense = is_visible(*(x for x in _grid_indices(T, L, dev)))[None, None]
+
+                def sdpa_dense():
+                    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+
+                paths["sdpa_dense"] = sdpa_dense
+            else:
+                skipped["sdpa_dense"] = f"dense mask needs ~{mask_gib:.1f} GiB > --max-dense-mask-gib {args.max_dense_mask_gib}"
+
+            # Causal flash attention over Tc tokens does Tc(Tc+1)/2 entries: pick Tc to match.
+            Tc = round((math.sqrt(8 * entries / B + 1) - 1) / 2)
+            qc, kc, vc = (torch.randn(B, H, Tc, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+            gc = torch.randn(B, H, Tc, D, device=dev, dtype=dtype)
+
+            def ceiling():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
+
+            with torch.no_grad():  # sanity: the two thought paths agree before anything is timed
+                diff = (paths["quietstar_triton"]().float() - paths["quietstar_torch"]().float()).abs().max().item()
+            print(f"L={L} S={S} T={T}: max |triton - torch| = {diff:.3g}", flush=True)
+
+            for backward in (False, True):
+                mode = "fwd+bwd" if backward else "fwd"
+                times = {}
+                for name, fn in paths.items():
+                    try:
+                        times[name] = _time(fn, backward, (q, k, v), g)
+                    except Exception as err:  # OOM or an unsupported backend: report, keep going
+                        skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+                    torch.cuda.empty_cache()
+                times["ceiling_causal"] = _time(ceiling, backward, (qc, kc, vc), gc)
+                for name in list(paths) + ["ceiling_causal"]:
+                    n = Tc * (Tc + 1) // 2 * B if name == "ceiling_causal" else entries
+                    ms = times.get(name)
+                    rows.append({
+                        "L": L, "S": S, "mode": mode, "path": name,
+                        "ms": ms,
+                        "tflops": attention_flops(n, H, D, backward) / (ms * 1e-3) / 1e12 if ms else None,
+                        "ratio_vs_triton": ms / times["quietstar_triton"] if ms and "quietstar_triton" in times else None,
+                        "note": skipped.get(name, ""),
+                    })
+            for name, why in skipped.items():
+                print(f"  skipped {name}: {why}", flush=True)
+            del q, k, v, g, qc, kc, vc, gc, paths, block_mask
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _grid_indices(T: int, L: int, dev):
+    qi = torch.arange(T, device=dev)[:, None]
+    ki = torch.arange(T, device=dev)[None, :]
+    return qi // L, qi % L, ki // L, ki % L
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'L':>5} {'S':>3} {'mode':>8} {'path':>17} {'ms':>9} {'TFLOP/s':>8} {'x triton':>9}  note")
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if r["ms"] else "-"
+        tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
+        ratio = f"{r['ratio_vs_triton']:.2f}" if r["ratio_vs_triton"] else "-"
+        print(f"{r['L']:>5} {r['S']:>3} {r['mode']:>8} {r['path']:>17} {ms:>9} {tf:>8} {ratio:>9}  {r['note']}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--L", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--S", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--max-dense-mask-gib", type=float, default=4.0)
+    parser.add_argument("--csv", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("attention_gpu.py needs a CUDA GPU (none found): it times GPU kernels. "
+                 "The CPU tests (tests/test_triton_attention.py) check correctness without one.")
+    ok, why = __import__("triton_kernels").is_available()
+    if not ok:
+        sys.exit(f"triton kernels unavailable: {why}")
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  B=1 H={args.heads} D={args.dim}")
+    rows = run(args)
+    print_table(rows)
+    if args.csv:
+        import csv
+
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The fused Triton thought attention against the dense oracle and the torch path.
+
+On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest.py before
+triton is imported), which is slow: shapes are tiny but cross several tiles (the interpreter uses
+32x16 / 16x32 tiles, so L = 37 spans three query tiles and L = 13 a partial one).
+
+Tolerances: fp32 -- abs 1e-5 and rel 1e-5 (``torch.testing.assert_close``) for out, lse, dQ, dK, dV;
+fp16 -- compared with the fp32-math oracle on the same fp16 inputs, max error <= 1e-3 (out) / 1e-5
+(lse, fp32 math) / 2e-3 (dQ, dK, dV) relative to the largest magnitude of the reference tensor: fp16 output rounding and the
+fp16 probabilities fed to the P @ V and dS @ K tensor-core dots are ~5e-4 relative each.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import triton_kernels
+from quietstar.layout import visibility_mask
+from quietstar.ops import thought_attention_reference, thought_attention_torch
+
+ok, why = triton_kernels.is_available()
+pytestmark = pytest.mark.skipif(not ok, reason=f"triton kernels unavailable: {why}")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(B, Hq, Hkv, L, nk, nq, D, dtype, pad, seed):
+    """Fresh random q/k/v as transposed views of [B, T, H, D] tensors (as transformers passes them)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(H, T):
+        x = torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
+        return x.requires_grad_()
+
+    q, k, v = make(Hq, nq * L), make(Hkv, nk * L), make(Hkv, nk * L)
+    mask = None
+    if pad is not None:
+        mask = torch.ones(B, L, dtype=torch.bool)
+        if "left" in pad:
+            mask[0, : L // 3] = False
+        if "right" in pad:
+            mask[-1, L - L // 4 :] = False
+        mask = mask.to(DEVICE)
+    d_out = torch.randn(B, Hq, nq * L, D, generator=g).to(DEVICE, dtype)
+    return q, k, v, mask, d_out
+
+
+def _run(fn, q, k, v, mask, d_out, L):
+    out, lse = fn(q, k, v, base_len=L, key_padding_mask=mask, return_lse=True)
+    grads = torch.autograd.grad((out.float() * d_out.float()).sum(), (q, k, v))
+    return out, lse, grads
+
+
+def _check(name, got, want, dtype):
+    got, want = got.float(), want.float()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    else:
+        # lse is fp32 math throughout: only the fp16 rounding of the inputs it shares with the oracle.
+        tol = {"out": 1e-3, "lse": 1e-5}.get(name, 2e-3) * want.abs().max().item()
+        err = (got - want).abs().max().item()
+        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+
+
+# (B, Hq, Hkv, L, nk, nq, D, pad)
+CASES = {
+    "S1_L13_gqa": (2, 4, 2, 13, 2, 2, 16, None),
+    "S1_L37_D64_left": (1, 2, 1, 37, 2, 2, 64, "left"),
+    "S14_L13_right": (2, 2, 1, 13, 15, 15, 16, "right"),
+    "S14_L37_leftright": (2, 2, 2, 37, 15, 15, 16, "left+right"),
+    "cached_S14_L37_D64_gqa": (2, 4, 2, 37, 15, 1, 64, "left+right"),
+    "cached_S1_L13": (1, 2, 1, 13, 2, 1, 16, "left"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp32_matches_reference_and_torch_path(case):
+    B, Hq, Hkv, L, nk, nq, D, pad = CASES[case]
+    q, k, v, mask, d_out = _inputs(B, Hq, Hkv, L, nk, nq, D, torch.float32, pad, seed=list(CASES).index(case))
+    out, lse, grads = _run(triton_kernels.thought_attention, q, k, v, mask, d_out, L)
+    seen = torch.isfinite(lse)
+    for oracle in (thought_attention_reference, thought_attention_torch):
+        out_r, lse_r, grads_r = _run(oracle, q, k, v, mask, d_out, L)
+        assert torch.equal(seen, torch.isfinite(lse_r)), "rows that see nothing differ"
+        _check("out", out, out_r, torch.float32)
+        _check("lse", lse[seen], lse_r[seen], torch.float32)
+        for name, g, g_r in zip(("dq", "dk", "dv"), grads, grads_r):
+            _check(name, g, g_r, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["S14_L37_fp16_gqa_left", "cached_S1_L13_fp16"])
+def test_fp16_matches_reference(case):
+    shape = {"S14_L37_fp16_gqa_left": (1, 4, 2, 37, 15, 15, 64, "left"),
+             "cached_S1_L13_fp16": (2, 2, 1, 13, 2, 1, 16, "right")}[case]
+    B, Hq, Hkv, L, nk, nq, D, pad = shape
+    q, k, v, mask, d_out = _inputs(B, Hq, Hkv, L, nk, nq, D, torch.float16, pad, seed=7)
+    out, lse, grads = _run(triton_kernels.thought_attention, q, k, v, mask, d_out, L)
+    out_r, lse_r, grads_r = _run(thought_attention_reference, q, k, v, mask, d_out, L)
+    seen = torch.isfinite(lse_r)
+    assert out.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
+    _check("out", out, out_r, torch.float16)
+    _check("lse", lse[seen], lse_r[seen], torch.float16)
+    for name, g, g_r in zip(("dq", "dk", "dv"), grads, grads_r):
+        _check(name, g, g_r, torch.float16)
+
+
+def test_lse_gradient_and_contiguous_inputs():
+    """A loss on the returned lse back-propagates (folded into delta); contiguous inputs work too."""
+    B, Hq, Hkv, L, nk, D = 1, 2, 1, 13, 4, 32
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, Hq, nk * L, D, generator=g).to(DEVICE).requires_grad_()
+    k = torch.randn(B, Hkv, nk * L, D, generator=g).to(DEVICE).requires_grad_()
+    v = torch.randn(B, Hkv, nk * L, D, generator=g).to(DEVICE).requires_grad_()
+    w_out = torch.randn(B, Hq, nk * L, D, generator=g).to(DEVICE)
+    w_lse = torch.randn(B, Hq, nk * L, generator=g).to(DEVICE)
+    mask = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    mask[:, -2:] = False  # right padding only: every row still sees a real key, lse finite
+    results = []
+    for fn in (triton_kernels.thought_attention, thought_attention_reference):
+        out, lse = fn(q, k, v, base_len=L, key_padding_mask=mask, scale=0.3, return_lse=True)
+        loss = (out * w_out).sum() + (lse * w_lse).sum()
+        results.append((out, lse, *torch.autograd.grad(loss, (q, k, v))))
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        _check(name, got, want, torch.float32)
+
+
+def test_rejects_bad_inputs_with_a_clear_message():
+    q = torch.randn(1, 2, 26, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_kernels.thought_attention(q, q, q, base_len=13)
+    q = torch.randn(1, 2, 26, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="whole steps"):
+        triton_kernels.thought_attention(q, q, q, base_len=12)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        triton_kernels.thought_attention(q, q, q, base_len=13, key_padding_mask=torch.ones(1, 12, dtype=torch.bool))
+
+
+def test_is_available_reports_a_reason():
+    ok, reason = triton_kernels.is_available()
+    assert isinstance(ok, bool) and isinstance(reason, str) and reason
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_gpu.py"
+    spec = importlib.util.spec_from_file_location("attention_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("L, nk, nq, pad", [(7, 3, 3, False), (11, 5, 2, True), (5, 1, 1, True)])
+def test_benchmark_counts_exactly_the_visible_entries(L, nk, nq, pad):
+    bench = _load_benchmark()
+    mask = None
+    if pad:
+        mask = torch.ones(2, L, dtype=torch.bool)
+        mask[0, :2] = False
+        mask[1, -1] = False
+    dense = visibility_mask(L, nk, mask, first_query_step=nk - nq)
+    want = int(dense.sum()) if mask is not None else 2 * int(dense.sum())
+    assert bench.useful_entries(L, nk, nq, batch=2, key_padding_mask=mask) == want
+    # Closed form used for the big benchmark shapes (no padding).
+    if mask is None:
+        assert bench.useful_entries(L, nk, nq, batch=2) == want
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_long_sequence_matches_torch_path():
+    B, Hq, Hkv, L, nk, D = 1, 4, 2, 2048, 5, 128
+    q, k, v, mask, d_out = _inputs(B, Hq, Hkv, L, nk, nk, D, torch.bfloat16, "left+right", seed=11)
+    out, lse, grads = _run(triton_kernels.thought_attention, q, k, v, mask, d_out, L)
+    out_r, lse_r, grads_r = _run(thought_attention_torch, q, k, v, mask, d_out, L)
+    seen = torch.isfinite(lse_r)
+    # bf16 has an 8-bit mantissa (~4e-3 relative per rounding): allow 2e-2 of the largest magnitude.
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse[seen], *grads), (out_r, lse_r[seen], *grads_r)):
+        err = (got.float() - want.float()).abs().max().item()
+        assert math.isfinite(err) and err <= 2e-2 * want.float().abs().max().item(), f"{name}: {err}"
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    B, Hq, Hkv, L, nk, D = 2, 8, 2, 1024, 9, 64
+    q, k, v, mask, d_out = _inputs(B, Hq, Hkv, L, nk, nk, D, torch.bfloat16, "left", seed=5)
+    first = _run(triton_kernels.thought_attention, q, k, v, mask, d_out, L)
+    second = _run(triton_kernels.thought_attention, q, k, v, mask, d_out, L)
+    for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
+        assert torch.equal(a, b), "two identical runs differ: a race or nondeterministic reduction"
