@@ -94,7 +94,7 @@ def _attn_fwd(
     pid_m = tl.program_id(0)
     q_step = tl.program_id(1)  # local query step
     pid_bh = tl.program_id(2)
-    b = pid_bh // n_q_heads
+    b = (pid_bh // n_q_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 at large batch
     h = pid_bh % n_q_heads
     hk = h // group
     step = first_q_step + q_step  # absolute step: the row sees extra steps 1..step
@@ -168,7 +168,7 @@ def _bwd_preprocess(
     """delta = rowsum(dO * O) - dLSE  (dLSE folds in because d lse / d s = p)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_q_heads
+    b = (pid_bh // n_q_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 at large batch
     h = pid_bh % n_q_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -229,7 +229,7 @@ def _attn_bwd_dkdv_base(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)  # over B * Hkv
-    b = pid_bh // n_kv_heads
+    b = (pid_bh // n_kv_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 at large batch
     hk = pid_bh % n_kv_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -311,7 +311,7 @@ def _attn_bwd_dq(
     pid_m = tl.program_id(0)
     q_step = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b = pid_bh // n_q_heads
+    b = (pid_bh // n_q_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 at large batch
     h = pid_bh % n_q_heads
     hk = h // group
     step = first_q_step + q_step
@@ -379,7 +379,7 @@ def _attn_bwd_dkdv_extra(
     pid_n = tl.program_id(0)
     k_step = tl.program_id(1) + 1
     pid_bh = tl.program_id(2)  # over B * Hkv
-    b = pid_bh // n_kv_heads
+    b = (pid_bh // n_kv_heads).to(tl.int64)  # int64: b * stride_b passes 2**31 at large batch
     hk = pid_bh % n_kv_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
