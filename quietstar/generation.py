@@ -1,0 +1,256 @@
+"""Thinking at inference: one thought for the last position only, on top of the cached base prefix.
+
+ALGORITHM.md, "Inference": to emit a token, take the base hidden state of the last token, feed
+``<|startthought|>, t_1..t_N, <|endthought|>`` as single-token steps on top of the base KV cache
+(thoughts sampled exactly as in training, :func:`quietstar.sampling.pick_tokens`), mix the base and
+post-thought predictions with the mixing head, then crop the thought's N + 2 entries off the cache.
+The base cache grows by one entry per emitted token: the emitted token itself, fed as the next base
+step. Cost per emitted token: N + 3 single-token decoder steps.
+
+Thoughts at earlier positions never influence anything later (the visibility rule), so the prompt
+needs no thoughts except at its last position, and one position thinks at a time: plain causal
+attention over the cache is exact, so stock ``sdpa`` / ``flash_attention_2`` serve generation.
+
+``QuietStarForCausalLM.generate`` routes greedy and sampling generation here (its ``_sample``
+override); :func:`naive_generate` is the slow reference (full forward per new token) for tests
+and benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .layout import base_position_ids
+from .sampling import pick_tokens
+
+
+@dataclass
+class ThinkingOptions:
+    """Per-call thinking settings of ``generate`` (defaults from the model config)."""
+
+    n_thought_tokens: int  # 0 switches thinking off: the base model generates
+    thought_temperature: float  # 0 = greedy thoughts; independent of the emitted tokens' temperature
+    return_thoughts: bool = False
+    generator: torch.Generator | None = None  # for thought sampling only
+
+
+@dataclass
+class ThinkingGenerateOutput(GenerateDecoderOnlyOutput):
+    """``GenerateDecoderOnlyOutput`` plus the thought behind every emitted token.
+
+    thought_ids ``[B, new, N]``: the thought sampled before emitted token j.
+    mixing_weights ``[B, new]``: the mixing head's w for that token.
+    """
+
+    thought_ids: torch.Tensor | None = None
+    mixing_weights: torch.Tensor | None = None
+
+
+@dataclass
+class Thought:
+    """One thought at the last position of every row; tensors ``[B, ...]``."""
+
+    logits: torch.Tensor  # [B, V]  mixed prediction of the next token
+    base_logits: torch.Tensor  # [B, V]
+    thought_ids: torch.Tensor  # [B, N]
+    mixing_weight: torch.Tensor  # [B]
+
+
+class BaseState:
+    """The base (thought-free) prefix: KV cache, 2-D padding mask, last position id and hidden state."""
+
+    def __init__(self, cache, attention_mask: torch.Tensor):
+        self.cache = cache
+        self.attention_mask = attention_mask  # [B, T]  T = cache length
+        self.last_position: torch.Tensor | None = None  # [B]
+        self.last_hidden: torch.Tensor | None = None  # [B, H]
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+@torch.no_grad()
+def prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache=None) -> BaseState:
+    """Run the prompt ``[B, L]`` through the base decoder (plain causal attention) into a KV cache.
+
+    A cache that already holds a prefix of the prompt is extended with the rest; one that holds all
+    of it is cropped by one token so that the last token's hidden state is recomputed.
+    """
+    if cache is None:
+        cache = DynamicCache(config=decoder.config)
+    cached = cache.get_seq_length()
+    if cached > input_ids.shape[1]:
+        raise ValueError(f"the cache holds {cached} tokens but the prompt has only {input_ids.shape[1]}")
+    if cached == input_ids.shape[1]:
+        cache.crop(-1)
+        cached -= 1
+    positions = base_position_ids(attention_mask)  # [B, L]
+    hidden = decoder(
+        input_ids=input_ids[:, cached:],
+        attention_mask=attention_mask,
+        position_ids=positions[:, cached:],
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state
+    state = BaseState(cache, attention_mask)
+    state.last_position, state.last_hidden = positions[:, -1], hidden[:, -1]
+    return state
+
+
+@torch.no_grad()
+def base_step(decoder, state: BaseState, tokens: torch.Tensor) -> None:
+    """Append one emitted token per row ``[B]`` to the base prefix (the cache grows by one)."""
+    state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], dim=1)
+    state.last_position = state.last_position + 1
+    state.last_hidden = decoder(
+        input_ids=tokens[:, None],
+        attention_mask=state.attention_mask,
+        position_ids=state.last_position[:, None],
+        cache=state.cache,
+        use_cache=True,
+    ).last_hidden_state[:, -1]
+
+
+@torch.no_grad()
+def think(model, state: BaseState, options: ThinkingOptions) -> Thought:
+    """Sample a thought at the last position, mix, and leave the cache as it was.
+
+    Step s (1-based) feeds ``<sot>`` (s = 1), ``t_{s-1}`` (s = 2..N+1) or ``<eot>`` (s = N+2) at
+    position ``pos + s``; the logits after steps 1..N give t_1..t_N; the hidden state after the
+    eot step is the post-thought state g that the mixing head weighs against the base state.
+    """
+    decoder, lm_head = model.base_lm.base_model, model.get_output_embeddings()
+    base_hidden = state.last_hidden  # [B, H]
+    base_logits = lm_head(base_hidden)  # [B, V]
+    B, N = base_hidden.shape[0], options.n_thought_tokens
+    if N == 0:  # thinking off: the base model
+        return Thought(base_logits, base_logits, base_logits.new_zeros(B, 0, dtype=torch.long), base_logits.new_zeros(B))
+    sot, eot = model.config.thought_token_ids
+    banned = model.banned_token_ids
+    mask = state.attention_mask
+    tokens = torch.full((B, 1), sot, dtype=torch.long, device=base_hidden.device)
+    thoughts = []
+    for s in range(1, N + 3):
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        hidden = decoder(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=(state.last_position + s)[:, None],
+            cache=state.cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]  # [B, H]
+        if s <= N:
+            picked = pick_tokens(lm_head(hidden), options.thought_temperature, banned, options.generator)  # [B]
+            thoughts.append(picked)
+            tokens = picked[:, None]
+        elif s == N + 1:
+            tokens = torch.full_like(tokens, eot)
+    state.cache.crop(-(N + 2))  # drop the thought: the base cache is the prefix again
+    weight = model.mixing_head(base_hidden, hidden)  # [B]
+    w = weight[:, None].to(base_logits.dtype)
+    mixed = (1 - w) * base_logits + w * lm_head(hidden)  # same mix as the training forward (k = 0)
+    return Thought(mixed, base_logits, torch.stack(thoughts, dim=-1), weight)
+
+
+@torch.no_grad()
+def thinking_sample(
+    model,
+    input_ids: torch.Tensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    options: ThinkingOptions,
+    streamer=None,
+    **model_kwargs,
+):
+    """The decoding loop behind ``QuietStarForCausalLM.generate`` for greedy search and sampling.
+
+    Mirrors ``GenerationMixin._sample``: logits processors, stopping criteria, streamers,
+    ``max_new_tokens``, pad-after-EOS, ``return_dict_in_generate`` with scores/logits; the
+    delimiters are never emitted. Each iteration: think -> choose -> feed the chosen token.
+    """
+    decoder = model.base_lm.base_model
+    B, prompt_len = input_ids.shape
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:  # generate() drops an all-ones mask
+        attention_mask = torch.ones_like(input_ids)
+    cache = model_kwargs.get("cache")
+    if cache is not None and not getattr(cache, "_is_user_defined", False):
+        cache = None  # generate() sized its default cache for the wrapper's config; build one for the base model
+    if cache is not None and not hasattr(cache, "crop"):
+        raise ValueError(f"thinking generation needs a croppable cache (e.g. DynamicCache), got {type(cache).__name__}")
+
+    pad_token_id = generation_config._pad_token_tensor
+    has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    return_dict = generation_config.return_dict_in_generate or options.return_thoughts
+    output_scores, output_logits = generation_config.output_scores, generation_config.output_logits
+    scores = () if (return_dict and output_scores) else None
+    raw_logits = () if (return_dict and output_logits) else None
+    banned = list(model.banned_token_ids)
+
+    state = prefill(decoder, input_ids, attention_mask, cache)
+    unfinished = torch.ones(B, dtype=torch.long, device=input_ids.device)
+    thought_ids, weights = [], []
+    while True:
+        thought = think(model, state, options)
+        next_logits = thought.logits.to(dtype=torch.float32, device=input_ids.device)
+        if banned:  # the delimiters are never emitted
+            next_logits[:, banned] = float("-inf")
+        next_scores = logits_processor(input_ids, next_logits)
+        if scores is not None:
+            scores += (next_scores,)
+        if raw_logits is not None:
+            raw_logits += (next_logits,)
+        if generation_config.do_sample:
+            next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = next_scores.argmax(-1)
+        if has_eos_stopping_criteria:  # finished rows keep emitting padding
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        if options.return_thoughts:
+            thought_ids.append(thought.thought_ids)
+            weights.append(thought.mixing_weight)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        base_step(decoder, state, next_tokens)  # cache: prompt + emitted tokens
+        unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+        if unfinished.max() == 0:
+            break
+    if streamer is not None:
+        streamer.end()
+
+    if not return_dict:
+        return input_ids
+    extra = {}
+    if options.return_thoughts:
+        extra = dict(thought_ids=torch.stack(thought_ids, dim=1), mixing_weights=torch.stack(weights, dim=1))
+    return ThinkingGenerateOutput(
+        sequences=input_ids, scores=scores, logits=raw_logits, cache=state.cache if generation_config.use_cache is not False else None, **extra
+    )
+
+
+@torch.no_grad()
+def naive_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20):
+    """Greedy reference: re-run the full training forward (thoughts at every position) per new token.
+
+    With greedy thoughts (``thought_temperature = 0``) and ``n_passes = 1`` it must agree with
+    ``generate``: the forward's ``logits[:, -1]`` is the mixed prediction with the thought at the
+    last position, and thoughts at earlier positions do not influence it. ``[B, L] -> [B, L + new]``.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    P, banned = model.config.n_passes, list(model.banned_token_ids)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids, attention_mask=attention_mask).logits[::P, -1].float()  # pass 0 of each row
+        if banned:
+            logits[:, banned] = float("-inf")
+        next_tokens = logits.argmax(-1)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_tokens), 1)], dim=1)
+    return input_ids
