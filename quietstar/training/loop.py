@@ -1,0 +1,271 @@
+"""The training loop: one process of a (possibly distributed) Quiet-STaR run.
+
+    validate config -> accelerator -> model, tokenizer -> data -> AdamW + warmup/cosine
+    -> [resume] -> for each optimiser step: grad_accum x (batch -> model(labels) -> backward)
+       -> clip -> step -> log -> [thoughts] -> [checkpoint]  -> export (save_pretrained)
+
+Runs in-process on one device, or under ``accelerate launch`` / ``torchrun`` (DDP, FSDP2,
+DeepSpeed ZeRO-3 through accelerate). Without CUDA it uses ``Accelerator(cpu=True)``: a plain
+``Accelerator()`` on CPU processes started by torchrun trains each process alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig, to_dict, validate
+from .data import build_dataset
+
+try:  # yaml is a dependency; kept local to the dump
+    import yaml
+except ImportError:  # pragma: no cover
+    yaml = None
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model, cfg: RunConfig, device_type: str) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)  # norms and biases are not decayed
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if cfg.optim.fused and device_type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # dtype/device without a fused kernel
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def check_launch(accelerator_env: dict | None = None) -> None:
+    """Processes vs devices, from the launcher's environment, before anything is loaded."""
+    env = os.environ if accelerator_env is None else accelerator_env
+    local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and local > torch.cuda.device_count():
+        raise ConfigError(
+            f"{local} processes were started on this machine but it has {torch.cuda.device_count()} CUDA devices; "
+            "launch at most one process per GPU (num_processes in the accelerate config)"
+        )
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    cuda = torch.cuda.is_available()
+    precision = cfg.optim.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("optim.mixed_precision fp16 needs CUDA; use 'no' or 'bf16' on CPU")
+    trackers = [t for t in cfg.logging.trackers]
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise RuntimeError(
+            f"launched as {world} processes but accelerate sees {accelerator.num_processes}; each would train alone. "
+            "On CPU use torchrun or `accelerate launch --multi_gpu` (not --cpu) with train/accelerate/cpu_2proc.yaml"
+        )
+    return accelerator
+
+
+def param_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
+
+
+def decode_thoughts(tokenizer, batch_ids, thought_ids, n: int, n_passes: int) -> list[str]:
+    """A few ``context <|startthought|> thought <|endthought|> next`` lines from one batch."""
+    lines = []
+    L = batch_ids.shape[1]
+    for j in range(n):
+        row, pos = j % batch_ids.shape[0], (L * (j + 1)) // (n + 1)
+        context = tokenizer.decode(batch_ids[row, max(0, pos - 12) : pos + 1].tolist())
+        thought = tokenizer.decode(thought_ids[row * n_passes, pos].tolist())
+        upcoming = tokenizer.decode(batch_ids[row, pos + 1 : pos + 4].tolist())
+        lines.append(f"...{context!r} <|startthought|>{thought!r}<|endthought|> -> {upcoming!r}")
+    return lines
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) the training described by ``cfg``; returns a small summary (main process)."""
+    validate(cfg)
+    check_launch()
+    accelerator = make_accelerator(cfg)
+    from .models import build_model
+
+    out_dir = Path(cfg.output_dir)
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    torch.manual_seed(cfg.seed)  # identical weights on every process (DDP also broadcasts rank 0's)
+    model, tokenizer = build_model(cfg.model, cfg.thought, seed=cfg.seed)
+    S = model.config.n_extra_steps
+    max_pos = getattr(model.base_lm.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.data.seq_len + S > max_pos:
+        raise ConfigError(f"data.seq_len {cfg.data.seq_len} + {S} thought steps exceeds the model's {max_pos} positions; "
+                          f"use data.seq_len <= {max_pos - S}")
+    data = build_dataset(cfg.data, tokenizer, batch_size=cfg.optim.batch_size, rank=rank, world_size=world, seed=cfg.seed)
+
+    optimizer = make_optimizer(model, cfg, accelerator.device.type)
+    # Not prepared by accelerate: its scheduler wrapper steps num_processes times per optimiser step.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.steps, cfg.optim.min_lr_ratio)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    step = 0
+    resume = None if cfg.resume == "no" else (latest_checkpoint(out_dir) if cfg.resume == "auto" else Path(cfg.resume))
+    torch.manual_seed(cfg.seed + 1 + rank)  # thought sampling differs across processes
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume, model=model, optimizer=optimizer, scheduler=scheduler)
+        data.load_state_dict(state["data"])
+        step = state["step"]
+        accelerator.print(f"resumed from {resume} at step {step} (data position {data.position})")
+    if step >= cfg.optim.steps:
+        accelerator.print(f"nothing to do: already at step {step} of {cfg.optim.steps}")
+
+    flat_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for k, v in _flatten(to_dict(cfg)).items()}
+    if cfg.logging.trackers:
+        accelerator.init_trackers(cfg.logging.project, config=flat_config)
+    trace = None
+    if cfg.logging.trace_file:
+        trace = open(f"{cfg.logging.trace_file}.rank{rank}.jsonl", "a", encoding="utf-8")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.optim.steps, initial=step, disable=not (accelerator.is_main_process and cfg.logging.progress_bar),
+               dynamic_ncols=True, desc=cfg.name)
+    P = unwrapped.config.n_passes
+    history = []
+    model.train()
+    while step < cfg.optim.steps:
+        t0 = time.perf_counter()
+        terms_acc, sample_ids, n_tokens = [], [], 0
+        for _ in range(cfg.optim.grad_accum):
+            batch = data.next_batch()
+            sample_ids.append(batch["sample_ids"])
+            input_ids = batch["input_ids"].to(accelerator.device)
+            mask = batch["attention_mask"].to(accelerator.device)
+            n_tokens += int(batch["attention_mask"].sum())
+            with accelerator.accumulate(model):
+                out = model(input_ids, attention_mask=mask, labels=input_ids)
+                accelerator.backward(out.loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            terms_acc.append(out.loss_terms)
+        scheduler.step()
+        step += 1
+        lr = scheduler.get_last_lr()[0]
+
+        log_now = step % cfg.logging.every == 0 or step == cfg.optim.steps
+        if log_now or trace is not None:
+            names = sorted(terms_acc[0])
+            local = torch.stack([torch.stack([t[n].float() for n in names]) for t in terms_acc]).mean(0)
+            extra = [grad_norm if grad_norm is not None else torch.zeros((), device=local.device), torch.tensor(float(n_tokens))]
+            vec = accelerator.reduce(torch.cat([local, torch.stack([e.float().to(local.device) for e in extra])]), "mean")
+            values = vec.tolist()  # the one host sync of a logged step
+            metrics = dict(zip(names, values[: len(names)]))
+            elapsed = time.perf_counter() - t0
+            metrics.update(grad_norm=values[len(names)], lr=lr, tokens_per_s=values[len(names) + 1] * world / elapsed,
+                           step_time_s=elapsed, peak_memory_mb=peak_memory_mb(accelerator.device))
+            history.append({"step": step, **metrics})
+            if log_now:
+                accelerator.log(metrics, step=step)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", base=f"{metrics['nll_base']:.3f}",
+                                talk=f"{metrics['nll_talk']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if not cfg.logging.progress_bar:
+                    accelerator.print(f"step {step}/{cfg.optim.steps} " + " ".join(
+                        f"{k} {metrics[k]:.4g}" for k in ("loss", "nll_base", "nll_talk", "policy_loss", "reward_mean",
+                                                          "mixing_weight_mean", "grad_norm", "lr", "tokens_per_s")))
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "rank": rank, "sample_ids": sample_ids, "loss": float(out.loss_terms["loss"]),
+                                        "param_hash": param_hash(unwrapped), "metrics": metrics}) + "\n")
+                trace.flush()
+        bar.update(1)
+
+        if cfg.logging.thoughts_every and step % cfg.logging.thoughts_every == 0 and accelerator.is_main_process:
+            lines = decode_thoughts(tokenizer, input_ids.cpu(), out.thought_ids.cpu(), cfg.logging.n_thoughts, P)
+            text = f"step {step}\n" + "\n".join(lines)
+            bar.write(text)
+            with open(out_dir / "thoughts.txt", "a", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+            with contextlib.suppress(Exception):  # a tracker without text support just skips it
+                accelerator.get_tracker("tensorboard", unwrap=True).add_text("thoughts", "\n\n".join(lines), step)
+
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            save_checkpoint(accelerator, out_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            data_state=data.state_dict(), config_yaml=config_yaml, keep=cfg.checkpoint.keep)
+    bar.close()
+    if trace is not None:
+        trace.close()
+
+    export_dir = None
+    if cfg.checkpoint.export:
+        export_dir = out_dir / "final"
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model)  # FULL state dict (gathered under FSDP / ZeRO-3)
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(export_dir)
+            (export_dir / "quietstar_train.yaml").write_text(config_yaml, encoding="utf-8")
+            print(f"exported {export_dir} (rank {rank})", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"step": step, "history": history, "export_dir": str(export_dir) if export_dir else None}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
