@@ -1,7 +1,5 @@
 """Tiny random base models of each supported architecture (offline, seconds to build)."""
 
-import copy
-
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
@@ -9,9 +7,13 @@ VOCAB = 96
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, **overrides):
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return _arch_config(arch, {**common, **overrides})
+
+
+def _arch_config(arch, common):
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "mistral":
@@ -19,16 +21,16 @@ def tiny_config(arch: str):
     if arch == "qwen2":
         return Qwen2Config(**common)
     if arch == "qwen3":
-        return Qwen3Config(**common, head_dim=8)
+        return Qwen3Config(**{"head_dim": 8, **common})
     if arch == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                           attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
     raise ValueError(arch)
 
 
-def tiny_base(arch: str = "llama", seed: int = 0):
+def tiny_base(arch: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(copy.deepcopy(tiny_config(arch))).eval()
+    return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides)).eval()
 
 
 def padded_batch(batch: int, length: int, side: str, seed: int = 0, n_pad=(3, 0)):
