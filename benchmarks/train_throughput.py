@@ -1,0 +1,141 @@
+"""Training-step throughput: a Quiet-STaR step against a plain causal-LM step of the same model and L.
+
+    python benchmarks/train_throughput.py                      # CPU: tiny random Llama and SmolLM2-135M
+    python benchmarks/train_throughput.py --models smollm2 --seq-len 256 --n-thought 9   # on a GPU
+
+Each (model, step kind) runs in its own fresh process, so the peak memory is that step's alone
+(CPU: peak RSS of the process minus its RSS after building model and optimiser; CUDA:
+``max_memory_allocated``). A step is forward + backward + AdamW on ``batch`` sequences of ``L``
+tokens; tokens/s counts base tokens (B x L), the tokens a user trains on. The cost ratio is plain
+tokens/s over Quiet-STaR tokens/s, with S = N + K + 1 extra steps per position and P passes.
+
+On CUDA (bf16 autocast) it also prints MFU counting useful FLOPs only: 6 x params x tokens actually
+fed with grad (plain: B L; Quiet-STaR replay: B P (1+S) L) + 2 x params x B P (N+1) L for the
+no-grad thought sampling, attention FLOPs left out, over the GPU's dense bf16 peak (--peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import resource
+import time
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build(model_name: str, quietstar: bool, args):
+    import torch
+
+    from quietstar import QuietStarForCausalLM
+    from quietstar.assets import load_smollm2
+    from quietstar.training.models import byte_tokenizer, tiny_random_llama
+
+    if model_name == "tiny":
+        tokenizer = byte_tokenizer()
+        base = tiny_random_llama(len(tokenizer), seed=0)
+    else:
+        base, tokenizer = load_smollm2()
+    if not quietstar:
+        return base.train(), tokenizer
+    model = QuietStarForCausalLM.from_base(base, tokenizer=tokenizer, n_thought_tokens=args.n_thought,
+                                           n_talk_tokens=args.n_talk, n_passes=args.passes,
+                                           attn_implementation=args.attn)
+    return model.train(), tokenizer
+
+
+def run_one(model_name: str, quietstar: bool, args, queue) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model, tokenizer = build(model_name, quietstar, args)
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)
+    ids = torch.randint(0, len(tokenizer) - 3, (args.batch, args.seq_len), device=device)
+    mask = torch.ones_like(ids)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            out = model(ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = rss_mb()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - t0) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    tokens = args.batch * args.seq_len
+    if quietstar:
+        S = args.n_thought + args.n_talk + 1
+        flops = 6 * n_params * args.batch * args.passes * (1 + S) * args.seq_len
+        flops += 2 * n_params * args.batch * args.passes * (args.n_thought + 1) * args.seq_len
+    else:
+        flops = 6 * n_params * tokens
+    queue.put(dict(model=model_name, kind="quietstar" if quietstar else "plain", step_s=elapsed, tokens_per_s=tokens / elapsed,
+                   peak_mb=peak, tflops=flops / elapsed / 1e12, cuda=cuda, device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--n-thought", type=int, default=4, help="N")
+    parser.add_argument("--n-talk", type=int, default=4, help="K")
+    parser.add_argument("--passes", type=int, default=2, help="P")
+    parser.add_argument("--attn", default="quietstar_torch")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for model_name in args.models.split(","):
+        for quietstar in (False, True):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=run_one, args=(model_name, quietstar, args, queue))
+            proc.start()
+            rows.append(queue.get())
+            proc.join()
+    S = args.n_thought + args.n_talk + 1
+    print(f"\nL = {args.seq_len}, batch = {args.batch}, N = {args.n_thought}, K = {args.n_talk}, S = N + K + 1 = {S}, "
+          f"P = {args.passes}, attention = {args.attn}, device = {rows[0]['device']}, threads = {args.threads}\n")
+    gpu = rows[0]["cuda"]
+    header = "| model | step | s/step | tokens/s | cost ratio | peak memory (MiB) |" + (" MFU (useful) |" if gpu else "")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for row in rows:
+        plain = next(r for r in rows if r["model"] == row["model"] and r["kind"] == "plain")
+        ratio = plain["tokens_per_s"] / row["tokens_per_s"]
+        line = (f"| {row['model']} | {row['kind']} | {row['step_s']:.3f} | {row['tokens_per_s']:.1f} | {ratio:.1f}x | "
+                f"{row['peak_mb']:.0f} |")
+        if gpu:
+            line += f" {100 * row['tflops'] / args.peak_tflops:.1f}% |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
