@@ -66,8 +66,18 @@ class BaseState:
     def __init__(self, cache, attention_mask: torch.Tensor):
         self.cache = cache
         self.attention_mask = attention_mask  # [B, T]  T = cache length
+        # Without padding the decoder gets no mask: stock sdpa then takes its unmasked fast path
+        # (on CPU a masked single-token step costs ~10x more); position ids stay explicit and
+        # monotone per call, so transformers never infers packed sequences.
+        self.padded = not bool(attention_mask.all())
         self.last_position: torch.Tensor | None = None  # [B]
         self.last_hidden: torch.Tensor | None = None  # [B, H]
+
+    def mask_with(self, extra: int) -> torch.Tensor | None:
+        """The 2-D mask of the prefix plus ``extra`` real tokens (None without padding)."""
+        if not self.padded:
+            return None
+        return torch.cat([self.attention_mask, self.attention_mask.new_ones(self.attention_mask.shape[0], extra)], dim=1)
 
     @property
     def length(self) -> int:
@@ -90,14 +100,14 @@ def prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, cach
         cache.crop(-1)
         cached -= 1
     positions = base_position_ids(attention_mask)  # [B, L]
+    state = BaseState(cache, attention_mask)
     hidden = decoder(
         input_ids=input_ids[:, cached:],
-        attention_mask=attention_mask,
+        attention_mask=state.mask_with(0),
         position_ids=positions[:, cached:],
         cache=cache,
         use_cache=True,
     ).last_hidden_state
-    state = BaseState(cache, attention_mask)
     state.last_position, state.last_hidden = positions[:, -1], hidden[:, -1]
     return state
 
@@ -109,7 +119,7 @@ def base_step(decoder, state: BaseState, tokens: torch.Tensor) -> None:
     state.last_position = state.last_position + 1
     state.last_hidden = decoder(
         input_ids=tokens[:, None],
-        attention_mask=state.attention_mask,
+        attention_mask=state.mask_with(0),
         position_ids=state.last_position[:, None],
         cache=state.cache,
         use_cache=True,
@@ -132,14 +142,12 @@ def think(model, state: BaseState, options: ThinkingOptions) -> Thought:
         return Thought(base_logits, base_logits, base_logits.new_zeros(B, 0, dtype=torch.long), base_logits.new_zeros(B))
     sot, eot = model.config.thought_token_ids
     banned = model.banned_token_ids
-    mask = state.attention_mask
     tokens = torch.full((B, 1), sot, dtype=torch.long, device=base_hidden.device)
     thoughts = []
     for s in range(1, N + 3):
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         hidden = decoder(
             input_ids=tokens,
-            attention_mask=mask,
+            attention_mask=state.mask_with(s),
             position_ids=(state.last_position + s)[:, None],
             cache=state.cache,
             use_cache=True,
