@@ -10,6 +10,7 @@ called directly is the ordinary base model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Callable
@@ -36,6 +37,7 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_op() -> Callable:
     """The Triton kernel where it can run, else the torch path -- with a warning, never silently."""
     try:

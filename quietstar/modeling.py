@@ -216,9 +216,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 policy_loss_weight=cfg.policy_loss_weight,
                 clip_negative_advantages=cfg.clip_negative_advantages,
             )
-            real = attention_mask.bool()[:, :, None].expand_as(mixing_weights)
-            loss_terms["mixing_weight_mean"] = mixing_weights.detach()[real].float().mean() if real.any() else mixing_weights.new_zeros(())
-            loss_terms["mixing_weight_std"] = mixing_weights.detach()[real].float().std() if real.sum() > 1 else mixing_weights.new_zeros(())
+            loss_terms.update(mixing_weight_stats(mixing_weights.detach(), attention_mask))
         else:
             with torch.no_grad():  # rewards of the thoughts against the input's own next tokens
                 _, rewards, _, _ = quietstar_loss(
@@ -417,6 +415,15 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _assisted_decoding(self, *args, **kwargs):
         raise NotImplementedError("assisted decoding is not supported with thoughts; generate without an assistant model")
+
+def mixing_weight_stats(mixing_weights: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and std of w over real positions, without a host sync."""
+    real = attention_mask[:, :, None].expand_as(mixing_weights).float()
+    count = real.sum().clamp_min(1)
+    mean = (mixing_weights.float() * real).sum() / count
+    std = (((mixing_weights.float() - mean) ** 2 * real).sum() / count).sqrt()
+    return {"mixing_weight_mean": mean, "mixing_weight_std": std}
+
 
 def _check_base_model(base) -> None:
     if not isinstance(base, PreTrainedModel) or base.get_output_embeddings() is None:
