@@ -4,8 +4,7 @@
     python benchmarks/train_throughput.py --models smollm2 --seq-len 256 --n-thought 9   # on a GPU
 
 Each (model, step kind) runs in its own fresh process, so the peak memory is that step's alone
-(CPU: peak RSS of the process minus its RSS after building model and optimiser; CUDA:
-``max_memory_allocated``). A step is forward + backward + AdamW on ``batch`` sequences of ``L``
+(CPU: peak RSS of the process; CUDA: ``max_memory_allocated`` during the timed steps). A step is forward + backward + AdamW on ``batch`` sequences of ``L``
 tokens; tokens/s counts base tokens (B x L), the tokens a user trains on. The cost ratio is plain
 tokens/s over Quiet-STaR tokens/s, with S = N + K + 1 extra steps per position and P passes.
 
@@ -22,11 +21,6 @@ import os
 import platform
 import resource
 import time
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def build(model_name: str, quietstar: bool, args):
@@ -76,14 +70,16 @@ def run_one(model_name: str, quietstar: bool, args, queue) -> None:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base_rss = rss_mb()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        t0 = time.perf_counter()
         step()
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - t0) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    elapsed = sorted(times)[len(times) // 2]  # median: the machine may be shared
+    # CPU: the process's peak RSS (model, optimiser state, activations, Python and libraries).
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tokens = args.batch * args.seq_len
     if quietstar:
         S = args.n_thought + args.n_talk + 1
@@ -124,7 +120,7 @@ def main() -> None:
     print(f"\nL = {args.seq_len}, batch = {args.batch}, N = {args.n_thought}, K = {args.n_talk}, S = N + K + 1 = {S}, "
           f"P = {args.passes}, attention = {args.attn}, device = {rows[0]['device']}, threads = {args.threads}\n")
     gpu = rows[0]["cuda"]
-    header = "| model | step | s/step | tokens/s | cost ratio | peak memory (MiB) |" + (" MFU (useful) |" if gpu else "")
+    header = "| model | step | s/step (median) | tokens/s | cost ratio | peak memory (MiB) |" + (" MFU (useful) |" if gpu else "")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for row in rows:

@@ -218,11 +218,12 @@ def train(cfg: RunConfig) -> dict:
             if log_now:
                 accelerator.log(metrics, step=step)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", base=f"{metrics['nll_base']:.3f}",
-                                talk=f"{metrics['nll_talk']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if not cfg.logging.progress_bar:
-                    accelerator.print(f"step {step}/{cfg.optim.steps} " + " ".join(
+                                talk=f"{metrics['nll_talk']:.3f}", tok_s=f"{metrics['tokens_per_s']:.3g}")
+                if accelerator.is_main_process:  # every term goes to the trackers; the main ones to the console
+                    bar.write(f"step {step}/{cfg.optim.steps} " + " ".join(
                         f"{k} {metrics[k]:.4g}" for k in ("loss", "nll_base", "nll_talk", "policy_loss", "reward_mean",
-                                                          "mixing_weight_mean", "grad_norm", "lr", "tokens_per_s")))
+                                                          "advantage_mean", "mixing_weight_mean", "grad_norm", "lr",
+                                                          "tokens_per_s", "peak_memory_mb")))
             if trace is not None:
                 trace.write(json.dumps({"step": step, "rank": rank, "sample_ids": sample_ids, "loss": float(out.loss_terms["loss"]),
                                         "param_hash": param_hash(unwrapped), "metrics": metrics}) + "\n")
