@@ -158,3 +158,27 @@ def test_partial_checkpoints_are_ignored_with_a_warning(tmp_path):
     assert any(".tmp-step-00000004" in m for m in messages) and any("expected 4" in m for m in messages)
     assert complete_checkpoints(tmp_path, warn=False) == [good]
     assert RunConfig().resume == "no"
+
+
+def test_streaming_data_is_deterministic_and_resumable(tmp_path):
+    from quietstar.training.data import build_dataset
+    from quietstar.training.models import byte_tokenizer
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i}: " + "word " * (i % 7 + 3)}) + "\n" for i in range(60)))
+    cfg = load_config(TINY, [f"data.path={docs}", "data.streaming=true", "data.shuffle_buffer=16", "data.seq_len=16"])
+    validate(cfg)
+    tok = byte_tokenizer()
+
+    def make(rank):
+        return build_dataset(cfg.data, tok, batch_size=2, rank=rank, world_size=2, seed=0)
+
+    first = make(0)
+    batches = [first.next_batch() for _ in range(4)]
+    again = make(0)
+    assert all(a["input_ids"].equal(b["input_ids"]) for a, b in zip(batches, [again.next_batch() for _ in range(4)]))
+    other = make(1).next_batch()
+    assert not other["input_ids"].equal(batches[0]["input_ids"])  # the other process reads other documents
+    resumed = make(0)
+    resumed.load_state_dict(first.state_dict() | {"position": 2})
+    assert resumed.next_batch()["input_ids"].equal(batches[2]["input_ids"])

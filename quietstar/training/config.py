@@ -300,6 +300,13 @@ def validate(cfg: RunConfig) -> None:
     unknown_trackers = set(cfg.logging.trackers) - {"tensorboard", "wandb", "all"}
     if unknown_trackers:
         problems.append(f"logging.trackers: unknown {sorted(unknown_trackers)}; use tensorboard and/or wandb")
+    import importlib.util
+
+    for tracker in cfg.logging.trackers:
+        modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(tracker, ())
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            problems.append(f"logging.trackers names {tracker!r}, which is not installed: pip install {modules[0]} "
+                            "(or --set logging.trackers=[])")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         problems.append("checkpoint.every and checkpoint.keep must be >= 0")
     if cfg.resume not in ("no", "auto") and not Path(cfg.resume).is_dir():
