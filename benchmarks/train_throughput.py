@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--attn", default="quietstar_torch")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

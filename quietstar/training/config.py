@@ -107,6 +107,9 @@ class RunConfig:
     output_dir: str = "runs/quietstar"
     seed: int = 0
     resume: str = "no"  # "no", "auto" (newest complete checkpoint in output_dir, if any) or a checkpoint path
+    # torch intra-op threads per process on CPU (0: torch's default). On a shared or oversubscribed
+    # machine 1 is far faster: OpenMP regions wait for descheduled threads (measured 8x on 2 cores).
+    cpu_threads: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     thought: ThoughtConfig = field(default_factory=ThoughtConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -283,6 +286,8 @@ def validate(cfg: RunConfig) -> None:
             f"data.seq_len = {d.seq_len} is shorter than n_talk_tokens + 2 = {t.n_talk_tokens + 2}: no position "
             f"would have all {t.n_talk_tokens} talk targets; raise data.seq_len or lower thought.n_talk_tokens"
         )
+    if cfg.cpu_threads < 0:
+        problems.append(f"cpu_threads must be >= 0 (0: torch's default), got {cfg.cpu_threads}")
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(o, name) < 1:
             problems.append(f"optim.{name} must be >= 1, got {getattr(o, name)}")

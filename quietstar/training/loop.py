@@ -128,6 +128,8 @@ def train(cfg: RunConfig) -> dict:
     """Run (or resume) the training described by ``cfg``; returns a small summary (main process)."""
     validate(cfg)
     check_launch()
+    if cfg.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)
     accelerator = make_accelerator(cfg)
     from .models import build_model
 
