@@ -24,8 +24,6 @@ import time
 
 
 def build(model_name: str, quietstar: bool, args):
-    import torch
-
     from quietstar import QuietStarForCausalLM
     from quietstar.assets import load_smollm2
     from quietstar.training.models import byte_tokenizer, tiny_random_llama

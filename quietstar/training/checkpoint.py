@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -155,7 +156,10 @@ def save_checkpoint(accelerator, output_dir, *, step: int, model, optimizer, sch
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        print(f"saved checkpoint {final} (rank {accelerator.process_index})", flush=True)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"saved checkpoint {final} (rank {accelerator.process_index})")  # keeps the progress bar intact
+        sys.stdout.flush()
         if keep:
             for old in complete_checkpoints(output_dir, warn=False)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -16,8 +16,6 @@ Two sources, one contract (``next_batch()`` and ``state_dict()`` / ``position``)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -173,4 +171,4 @@ def build_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, rank: int, wor
     return cls(cfg, tokenizer, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
 
 
-__all__ = ["PackedDataset", "StreamingDataset", "build_dataset", "pack_tokens", "load_documents", "Path"]
+__all__ = ["PackedDataset", "StreamingDataset", "build_dataset", "pack_tokens", "load_documents"]

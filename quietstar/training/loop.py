@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -257,7 +258,8 @@ def train(cfg: RunConfig) -> dict:
             unwrapped.save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(export_dir)
             (export_dir / "quietstar_train.yaml").write_text(config_yaml, encoding="utf-8")
-            print(f"exported {export_dir} (rank {rank})", flush=True)
+            bar.write(f"exported {export_dir} (rank {rank})")
+            sys.stdout.flush()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": step, "history": history, "export_dir": str(export_dir) if export_dir else None}
