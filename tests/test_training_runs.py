@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -32,10 +33,19 @@ def _trace(out: Path, rank: int = 0) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_process_data_parallel(tmp_path):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "quietstar.training.cli"],
+    # quietstar-train checks the accelerate config, then re-launches under `accelerate launch`.
+    "accelerate": [sys.executable, "-m", "quietstar.training.cli", "--accelerate-config",
+                   str(ROOT / "train" / "accelerate" / "cpu_2proc.yaml")],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_data_parallel(tmp_path, launcher):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "quietstar.training.cli", *_args(out, "optim.steps=3", "checkpoint.every=3")]
+    cmd = [*LAUNCHERS[launcher], *_args(out, "optim.steps=3", "checkpoint.every=3")]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [_trace(out, r) for r in (0, 1)]
@@ -107,3 +117,15 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_gradient_checkpointing_changes_nothing(tmp_path):
+    cli = [sys.executable, "-m", "quietstar.training.cli"]
+    traces = []
+    for flag in ("false", "true"):
+        out = tmp_path / f"gc-{flag}"
+        sets = _args(out, "optim.steps=2", "checkpoint.every=0", "checkpoint.export=false", f"model.gradient_checkpointing={flag}")
+        proc = subprocess.run([*cli, *sets], env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        traces.append(_trace(out))
+    assert [t["param_hash"] for t in traces[0]] == [t["param_hash"] for t in traces[1]]
