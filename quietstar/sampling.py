@@ -46,7 +46,7 @@ def sample_thoughts(
     layout = ThoughtLayout(L, attention_mask.bool())
     cache = decoder(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, thought_layout=layout
-    ).past_key_values
+    ).cache
     step_tokens = torch.full_like(input_ids, start_thought_id)
     thoughts = []
     for step in range(1, n_thought_tokens + 1):

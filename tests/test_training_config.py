@@ -182,3 +182,24 @@ def test_streaming_data_is_deterministic_and_resumable(tmp_path):
     resumed = make(0)
     resumed.load_state_dict(first.state_dict() | {"position": 2})
     assert resumed.next_batch()["input_ids"].equal(batches[2]["input_ids"])
+
+
+def test_thought_settings_are_the_model_configs_fields_and_defaults():
+    import dataclasses
+
+    from quietstar import QuietStarConfig
+    from quietstar.training.config import ThoughtConfig
+
+    model_defaults = {f.name: f.default for f in dataclasses.fields(QuietStarConfig)}
+    for f in dataclasses.fields(ThoughtConfig):
+        assert f.name in model_defaults and f.default == model_defaults[f.name], f.name
+
+
+def test_thought_settings_are_validated_by_the_model_config():
+    import pytest
+
+    from quietstar.training.config import ConfigError, load_config, validate
+
+    cfg = load_config("train/configs/tiny_test.yaml", ["thought.n_thought_tokens=0"])
+    with pytest.raises(ConfigError, match="n_thought_tokens must be >= 1"):
+        validate(cfg)

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ..configuration import QuietStarConfig
+
 
 class ConfigError(ValueError):
     """A bad run config or launch setting; raised before any training work starts."""
@@ -35,21 +37,25 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
 
+# One place for the thought defaults: the model config's fields (the reference recipe, ALGORITHM.md).
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuietStarConfig)}
+
+
 @dataclass
 class ThoughtConfig:
-    """Quiet-STaR hyper-parameters; defaults are the reference recipe (ALGORITHM.md)."""
+    """Quiet-STaR hyper-parameters: the QuietStarConfig fields a run sets, with its defaults."""
 
-    n_thought_tokens: int = 9
-    n_talk_tokens: int = 4
-    n_passes: int = 2
-    thought_temperature: float = 1.0
-    reinforce_temperature: float = 3.0
-    base_loss_weight: float = 0.5
-    talk_loss_weight: float = 0.5
-    policy_loss_weight: float = 1e6
-    clip_negative_advantages: bool = True
-    mixing_head_activation: Literal["none", "sigmoid"] = "none"
-    embedding_scale: float = 100.0
+    n_thought_tokens: int = _MODEL_DEFAULTS["n_thought_tokens"]
+    n_talk_tokens: int = _MODEL_DEFAULTS["n_talk_tokens"]
+    n_passes: int = _MODEL_DEFAULTS["n_passes"]
+    thought_temperature: float = _MODEL_DEFAULTS["thought_temperature"]
+    reinforce_temperature: float = _MODEL_DEFAULTS["reinforce_temperature"]
+    base_loss_weight: float = _MODEL_DEFAULTS["base_loss_weight"]
+    talk_loss_weight: float = _MODEL_DEFAULTS["talk_loss_weight"]
+    policy_loss_weight: float = _MODEL_DEFAULTS["policy_loss_weight"]
+    clip_negative_advantages: bool = _MODEL_DEFAULTS["clip_negative_advantages"]
+    mixing_head_activation: Literal["none", "sigmoid"] = _MODEL_DEFAULTS["mixing_head_activation"]
+    embedding_scale: float = _MODEL_DEFAULTS["embedding_scale"]
 
 
 @dataclass
@@ -278,9 +284,10 @@ def validate(cfg: RunConfig) -> None:
     """Everything checkable before loading a model or data; raises ConfigError naming the fix."""
     problems = []
     t, d, o = cfg.thought, cfg.data, cfg.optim
-    for name in ("n_thought_tokens", "n_talk_tokens", "n_passes"):
-        if getattr(t, name) < 1:
-            problems.append(f"thought.{name} must be >= 1, got {getattr(t, name)}")
+    try:  # the model config's own checks (sizes, temperatures, activation), before any model exists
+        QuietStarConfig(**dataclasses.asdict(t))
+    except ValueError as err:
+        problems.append(f"thought: {err}")
     if d.seq_len < t.n_talk_tokens + 2:
         problems.append(
             f"data.seq_len = {d.seq_len} is shorter than n_talk_tokens + 2 = {t.n_talk_tokens + 2}: no position "
