@@ -23,9 +23,9 @@ from .attention import TORCH, check_attention_name, register_attention_paths
 from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConfig
 from .delimiters import ThoughtDelimiterEmbedding
 from .layout import ThoughtLayout, base_position_ids, step_of
-from .losses import IGNORE, quietstar_loss, shift_ahead, talk_targets
+from .losses import quietstar_loss, shift_ahead, talk_targets
 from .mixing import MixingHead
-from .sampling import pick_tokens, sample_thoughts
+from .sampling import sample_thoughts
 
 register_attention_paths()
 

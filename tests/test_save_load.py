@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import quietstar  # noqa: F401  (registers the Auto classes)
 from quietstar import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConfig, QuietStarForCausalLM, check_thought_tokens
