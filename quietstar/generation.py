@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .layout import base_position_ids
-from .sampling import pick_tokens
+from .sampling import ban_tokens, pick_tokens
 
 
 @dataclass
@@ -199,16 +199,14 @@ def thinking_sample(
     output_scores, output_logits = generation_config.output_scores, generation_config.output_logits
     scores = () if (return_dict and output_scores) else None
     raw_logits = () if (return_dict and output_logits) else None
-    banned = list(model.banned_token_ids)
+    banned = model.banned_token_ids
 
     state = prefill(decoder, input_ids, attention_mask, cache)
     unfinished = torch.ones(B, dtype=torch.long, device=input_ids.device)
     thought_ids, weights = [], []
     while True:
         thought = think(model, state, options)
-        next_logits = thought.logits.to(dtype=torch.float32, device=input_ids.device)
-        if banned:  # the delimiters are never emitted
-            next_logits[:, banned] = float("-inf")
+        next_logits = ban_tokens(thought.logits.to(dtype=torch.float32, device=input_ids.device), banned)
         next_scores = logits_processor(input_ids, next_logits)
         if scores is not None:
             scores += (next_scores,)
@@ -253,11 +251,10 @@ def naive_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    P, banned = model.config.n_passes, list(model.banned_token_ids)
+    P, banned = model.config.n_passes, model.banned_token_ids
     for _ in range(max_new_tokens):
         logits = model(input_ids, attention_mask=attention_mask).logits[::P, -1].float()  # pass 0 of each row
-        if banned:
-            logits[:, banned] = float("-inf")
+        logits = ban_tokens(logits, banned)
         next_tokens = logits.argmax(-1)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_tokens), 1)], dim=1)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .evaluation.metric import single_pass
+
 
 @dataclass
 class PositionReport:
@@ -54,12 +56,8 @@ def inspect_text(model, tokenizer, text: str, *, generator: torch.Generator | No
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)  # [1, L]
     if ids.shape[1] < 2:
         raise ValueError(f"the text needs at least 2 tokens to inspect, got {ids.shape[1]}")
-    passes = cfg.n_passes
-    cfg.n_passes = 1
-    try:
+    with single_pass(model):
         out = model(ids, attention_mask=torch.ones_like(ids), generator=generator)
-    finally:
-        cfg.n_passes = passes
     L, K = ids.shape[1], cfg.n_talk_tokens
     base_lp = torch.log_softmax(out.base_logits[0].float(), -1)  # [L, V]
     mixed_lp = torch.log_softmax(out.logits[0].float(), -1)

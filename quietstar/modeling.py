@@ -25,7 +25,7 @@ from .delimiters import ThoughtDelimiterEmbedding
 from .layout import ThoughtLayout, base_position_ids, step_of
 from .losses import quietstar_loss, shift_ahead, talk_targets
 from .mixing import MixingHead
-from .sampling import sample_thoughts
+from .sampling import ban_tokens, sample_thoughts
 
 register_attention_paths()
 
@@ -272,12 +272,11 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         The hidden state at step j (sot for j = 1) predicts t_j. One step at a time keeps only one
         ``[B, L, V]`` logits tensor live outside autograd's saved tensors.
         """
-        lm_head, banned = self.get_output_embeddings(), list(self.banned_token_ids)
+        lm_head, banned = self.get_output_embeddings(), self.banned_token_ids
         log_probs = []
         for j in range(1, self.config.n_thought_tokens + 1):
             logits = lm_head(hidden[:, step_of.start_thought + j - 1]).float() / self.config.reinforce_temperature
-            if banned:
-                logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+            logits = ban_tokens(logits, banned)
             log_probs.append(torch.log_softmax(logits, -1).gather(-1, thought_ids[..., j - 1 : j]).squeeze(-1))
         return torch.stack(log_probs, dim=-1)
 

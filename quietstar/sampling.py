@@ -7,15 +7,20 @@ import torch
 from .layout import ThoughtLayout
 
 
+def ban_tokens(logits: torch.Tensor, banned_ids) -> torch.Tensor:
+    """``logits`` with ``banned_ids`` set to -inf along the last axis (out of place; the delimiters are
+    never sampled, emitted, or counted as actions)."""
+    if not banned_ids:
+        return logits
+    return logits.index_fill(-1, torch.as_tensor(list(banned_ids), device=logits.device), float("-inf"))
+
+
 def pick_tokens(logits: torch.Tensor, temperature: float, banned_ids: tuple[int, ...], generator=None) -> torch.Tensor:
     """Sample ids from ``softmax(logits / temperature)`` with ``banned_ids`` excluded; 0 = greedy.
 
     logits ``[..., V]`` -> ids ``[...]``.
     """
-    logits = logits.float()
-    if banned_ids:
-        logits = logits.clone()
-        logits[..., list(banned_ids)] = float("-inf")
+    logits = ban_tokens(logits.float(), banned_ids)
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
