@@ -132,8 +132,11 @@ def main() -> None:
             queue = ctx.Queue()
             proc = ctx.Process(target=run_one, args=(model_name, quietstar, args, queue))
             proc.start()
-            rows.append(queue.get())
-            proc.join()
+            proc.join()  # the result is a small dict: it fits the queue's pipe, so joining first is safe
+            if proc.exitcode != 0:
+                raise SystemExit(f"the {model_name} {'Quiet-STaR' if quietstar else 'plain'} step failed "
+                                 f"(exit code {proc.exitcode}); its traceback is above")
+            rows.append(queue.get(timeout=10))
     S = args.n_thought + args.n_talk + 1
     print(f"\nL = {args.seq_len}, batch = {args.batch}, N = {args.n_thought}, K = {args.n_talk}, S = N + K + 1 = {S}, "
           f"P = {args.passes}, attention = {args.attn}, device = {rows[0]['device']}, threads = {args.threads}\n")

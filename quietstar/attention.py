@@ -52,10 +52,22 @@ def _triton_op() -> Callable:
     return thought_attention_torch
 
 
+def _autocast_inputs(query, key, value):
+    """Under autocast, compute in the autocast dtype, as SDPA does.
+
+    Rotary embeddings (Llama, Mistral, Qwen) leave q/k in fp32 while v leaves its linear in bf16/fp16."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return query.to(dtype), key.to(dtype), value.to(dtype)
+    return query, key, value
+
+
 def _make_attention_forward(name: str, get_op: Callable[[], Callable]) -> Callable:
     def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """transformers attention signature: q/k/v ``[B, H, T, D]`` -> (``[B, Tq, H, D]``, None)."""
         layout: ThoughtLayout | None = kwargs.get(THOUGHT_LAYOUT_KWARG)
+        query, key, value = _autocast_inputs(query, key, value)
         if dropout and module.training:
             _warn_once(f"{name}: attention dropout ({dropout}) is not applied by the thought attention paths.")
         if layout is None:
