@@ -116,6 +116,9 @@ class RunConfig:
     # torch intra-op threads per process on CPU (0: torch's default). On a shared or oversubscribed
     # machine 1 is far faster: OpenMP regions wait for descheduled threads (measured 8x on 2 cores).
     cpu_threads: int = 0
+    # false: the control of an experiment -- the same base model, data order, optimiser and schedule,
+    # trained as a plain causal LM (no thoughts; the mixing head and delimiters are left out).
+    thinking: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     thought: ThoughtConfig = field(default_factory=ThoughtConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -125,8 +125,13 @@ def decode_thoughts(tokenizer, batch_ids, thought_ids, n: int, n_passes: int) ->
     return lines
 
 
-def train(cfg: RunConfig) -> dict:
-    """Run (or resume) the training described by ``cfg``; returns a small summary (main process)."""
+def train(cfg: RunConfig, on_step=None) -> dict:
+    """Run (or resume) the training described by ``cfg``; returns a small summary (main process).
+
+    ``on_step(step, model, metrics)`` runs on the main process after every optimiser step, with the
+    unwrapped model and the step's logged metrics (None on steps that are not logged): periodic
+    held-out evaluation in experiments. It must leave the model as it found it (train mode, weights).
+    """
     validate(cfg)
     check_launch()
     if cfg.cpu_threads and not torch.cuda.is_available():
@@ -148,6 +153,8 @@ def train(cfg: RunConfig) -> dict:
     if max_pos is not None and cfg.data.seq_len + S > max_pos:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len} + {S} thought steps exceeds the model's {max_pos} positions; "
                           f"use data.seq_len <= {max_pos - S}")
+    if not cfg.thinking:  # the control: the same base weights, trained as a plain causal LM
+        model = model.base_lm
     data = build_dataset(cfg.data, tokenizer, batch_size=cfg.optim.batch_size, rank=rank, world_size=world, seed=cfg.seed)
 
     optimizer = make_optimizer(model, cfg, accelerator.device.type)
@@ -181,7 +188,7 @@ def train(cfg: RunConfig) -> dict:
 
     bar = tqdm(total=cfg.optim.steps, initial=step, disable=not (accelerator.is_main_process and cfg.logging.progress_bar),
                dynamic_ncols=True, desc=cfg.name)
-    P = unwrapped.config.n_passes
+    P = unwrapped.config.n_passes if cfg.thinking else 1
     history = []
     model.train()
     while step < cfg.optim.steps:
@@ -201,7 +208,7 @@ def train(cfg: RunConfig) -> dict:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            terms_acc.append(out.loss_terms)
+            terms_acc.append(out.loss_terms if cfg.thinking else {"loss": out.loss.detach(), "nll_base": out.loss.detach()})
         scheduler.step()
         step += 1
         lr = scheduler.get_last_lr()[0]
@@ -221,19 +228,21 @@ def train(cfg: RunConfig) -> dict:
             if log_now:
                 accelerator.log(metrics, step=step)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", base=f"{metrics['nll_base']:.3f}",
-                                talk=f"{metrics['nll_talk']:.3f}", tok_s=f"{metrics['tokens_per_s']:.3g}")
+                                talk=f"{metrics.get('nll_talk', float('nan')):.3f}", tok_s=f"{metrics['tokens_per_s']:.3g}")
                 if accelerator.is_main_process:  # every term goes to the trackers; the main ones to the console
                     bar.write(f"step {step}/{cfg.optim.steps} " + " ".join(
                         f"{k} {metrics[k]:.4g}" for k in ("loss", "nll_base", "nll_talk", "policy_loss", "reward_mean",
                                                           "advantage_mean", "mixing_weight_mean", "grad_norm", "lr",
-                                                          "tokens_per_s", "peak_memory_mb")))
+                                                          "tokens_per_s", "peak_memory_mb") if k in metrics))
             if trace is not None:
-                trace.write(json.dumps({"step": step, "rank": rank, "sample_ids": sample_ids, "loss": float(out.loss_terms["loss"]),
+                trace.write(json.dumps({"step": step, "rank": rank, "sample_ids": sample_ids, "loss": float(terms_acc[-1]["loss"]),
                                         "param_hash": param_hash(unwrapped), "metrics": metrics}) + "\n")
                 trace.flush()
         bar.update(1)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(step, unwrapped, metrics if log_now else None)
 
-        if cfg.logging.thoughts_every and step % cfg.logging.thoughts_every == 0 and accelerator.is_main_process:
+        if cfg.thinking and cfg.logging.thoughts_every and step % cfg.logging.thoughts_every == 0 and accelerator.is_main_process:
             lines = decode_thoughts(tokenizer, input_ids.cpu(), out.thought_ids.cpu(), cfg.logging.n_thoughts, P)
             text = f"step {step}\n" + "\n".join(lines)
             bar.write(text)
