@@ -84,3 +84,14 @@ def test_bad_input_is_refused_clearly(model):
         heldout_evaluation(model, tokenizer, "1", seq_len=8)
     with pytest.raises(TypeError, match="from_base"):
         heldout_evaluation(model.base_lm, tokenizer, TEXT)
+
+
+def test_base_only_scoring_equals_the_thinking_reports_base(model):
+    """thinking=False (controls, untouched bases) gives the same base NLL without sampling thoughts."""
+    tokenizer = char_tokenizer()
+    full = heldout_evaluation(model, tokenizer, TEXT, seq_len=23, batch_size=3, keep_per_token=True)
+    for lm in (model, model.base_lm):
+        base_only = heldout_evaluation(lm, tokenizer, TEXT, seq_len=23, batch_size=2, keep_per_token=True, thinking=False)
+        torch.testing.assert_close(torch.tensor(base_only.per_token["base"]), torch.tensor(full.per_token["base"]),
+                                   atol=1e-5, rtol=1e-5)
+        assert base_only.nll_thinking == base_only.nll_base and base_only.reward_mean == 0.0

@@ -32,7 +32,7 @@ import torch
 
 from ..losses import IGNORE, talk_targets, token_log_probs
 
-__all__ = ["HeldoutReport", "heldout_evaluation", "text_windows", "main"]
+__all__ = ["HeldoutReport", "by_decile", "heldout_evaluation", "text_windows", "main"]
 
 
 @dataclasses.dataclass
@@ -110,6 +110,17 @@ def _batches(windows: list[list[int]], batch_size: int, pad_id: int):
 
 
 @torch.no_grad()
+def _base_scores(model, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+    """Per-position base NLL ``[B, L]`` of a plain causal LM (or a Quiet-STaR model's base LM)."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    lm = getattr(model, "base_lm", model)
+    logits = lm(input_ids, attention_mask=attention_mask).logits
+    next_token = talk_targets(input_ids, attention_mask, 1)[:, :, 0]
+    return {"scored": next_token != IGNORE, "base": -token_log_probs(logits, next_token)}
+
+
+@torch.no_grad()
 def _score_batch(model, input_ids, attention_mask, seed: int) -> dict[str, torch.Tensor]:
     """Per-position scores of one batch and one seed, each ``[B, L]`` (``[B, P, L]`` per thought)."""
     P, K = model.config.n_passes, model.config.n_talk_tokens
@@ -143,10 +154,17 @@ def heldout_evaluation(
     max_windows: int | None = None,
     progress: bool = False,
     keep_per_token: bool = False,
+    thinking: bool = True,
 ) -> HeldoutReport:
-    """Score a ``QuietStarForCausalLM`` on held-out ``text``; see the module docstring."""
-    if getattr(getattr(model, "config", None), "model_type", None) != "quietstar":
-        raise TypeError("heldout_evaluation needs a QuietStarForCausalLM (wrap a base model with from_base first)")
+    """Score a ``QuietStarForCausalLM`` on held-out ``text``; see the module docstring.
+
+    ``thinking=False`` scores the base prediction only (no thoughts sampled; any causal LM, e.g. an
+    experiment's control or untouched base): the thinking fields then equal the base ones and the
+    reward and mixing-weight statistics are 0.
+    """
+    if thinking and getattr(getattr(model, "config", None), "model_type", None) != "quietstar":
+        raise TypeError("heldout_evaluation needs a QuietStarForCausalLM (wrap a base model with from_base first), "
+                        "or thinking=False for the base prediction alone")
     if not seeds:
         raise ValueError("give at least one seed")
     windows = text_windows(tokenizer, text, seq_len, max_windows)
@@ -158,48 +176,66 @@ def heldout_evaluation(
     model.eval()
     base_all, think_all, reward_all, weight_all = [], [], [], []
     n_batches = -(-len(windows) // batch_size)
-    with tqdm(total=n_batches * len(seeds), disable=not progress, desc="held-out", file=sys.stderr) as bar:
+    with tqdm(total=n_batches * (len(seeds) if thinking else 1), disable=not progress, desc="held-out", file=sys.stderr) as bar:
         for ids, mask in _batches(windows, batch_size, pad_id):
+            if not thinking:
+                scores = _base_scores(model, ids, mask)
+                base_all.append(scores["base"][scores["scored"]].cpu())
+                think_all.append(base_all[-1])
+                bar.update(1)
+                continue
             per_seed = []
             for seed in seeds:
                 per_seed.append(_score_batch(model, ids, mask, seed))
                 bar.update(1)
             scored, rewarded = per_seed[0]["scored"], per_seed[0]["rewarded"]
-            thinking = torch.stack([s["thinking"] for s in per_seed]).mean(dim=(0, 2))  # mean over seeds and passes
+            thinking_nll = torch.stack([s["thinking"] for s in per_seed]).mean(dim=(0, 2))  # mean over seeds and passes
             base_all.append(per_seed[0]["base"][scored].cpu())
-            think_all.append(thinking[scored].cpu())
+            think_all.append(thinking_nll[scored].cpu())
             reward_all.append(torch.cat([s["reward"].transpose(1, 2)[rewarded].flatten() for s in per_seed]).cpu())
             weight_all.append(torch.cat([s["weight"].transpose(1, 2)[scored].flatten() for s in per_seed]).cpu())
     model.train(was_training)
 
-    base, thinking = torch.cat(base_all).double(), torch.cat(think_all).double()
-    rewards, weights = torch.cat(reward_all).double(), torch.cat(weight_all).double()
-    helped = thinking < base
-    # Deciles of base NLL: rank-based, so ties and tiny sets still give 10 non-empty groups where possible.
-    order = torch.argsort(base, stable=True)
-    decile_of = torch.empty_like(order)
-    decile_of[order] = torch.arange(len(base)) * 10 // len(base)
-    deciles = []
-    for d in range(10):
-        sel = decile_of == d
-        if sel.any():
-            deciles.append({"decile": d + 1, "n": int(sel.sum()), "nll_base": base[sel].mean().item(),
-                            "nll_thinking": thinking[sel].mean().item(), "helped_share": helped[sel].double().mean().item()})
+    base, thinking_nll = torch.cat(base_all).double(), torch.cat(think_all).double()
+    rewards = torch.cat(reward_all).double() if reward_all else torch.zeros(0, dtype=torch.float64)
+    weights = torch.cat(weight_all).double() if weight_all else torch.zeros(1, dtype=torch.float64)
+    helped = thinking_nll < base
+    deciles = [{"decile": d["decile"], "n": d["n"], "nll_base": d["base"], "nll_thinking": d["thinking"],
+                "helped_share": d["helped"]} for d in by_decile(base, {"base": base, "thinking": thinking_nll, "helped": helped})]
     quantiles = torch.quantile(weights, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist() if len(weights) else [0.0] * 3
     return HeldoutReport(
         n_tokens=len(base),
         seeds=list(seeds),
-        n_passes=model.config.n_passes,
+        n_passes=model.config.n_passes if thinking else 0,
         nll_base=base.mean().item(),
-        nll_thinking=thinking.mean().item(),
+        nll_thinking=thinking_nll.mean().item(),
         helped_share=helped.double().mean().item(),
         reward_mean=rewards.mean().item() if len(rewards) else 0.0,
         reward_positive_share=(rewards > 0).double().mean().item() if len(rewards) else 0.0,
         mixing_weight={"mean": weights.mean().item(), "std": weights.std(unbiased=False).item(), "p10": quantiles[0],
                        "p50": quantiles[1], "p90": quantiles[2]},
         deciles=deciles,
-        per_token={"base": base.tolist(), "thinking": thinking.tolist()} if keep_per_token else None,
+        per_token={"base": base.tolist(), "thinking": thinking_nll.tolist()} if keep_per_token else None,
     )
+
+
+def by_decile(reference: torch.Tensor, columns: dict[str, torch.Tensor]) -> list[dict]:
+    """Mean of each per-token column within each decile of ``reference`` (decile 10 = largest values).
+
+    Rank-based, so ties and small sets still give 10 groups where there are >= 10 tokens. Experiments
+    pass the untouched base model's NLL as ``reference`` so that every model is compared on the same tokens.
+    """
+    reference = torch.as_tensor(reference, dtype=torch.float64)
+    order = torch.argsort(reference, stable=True)
+    decile_of = torch.empty_like(order)
+    decile_of[order] = torch.arange(len(reference)) * 10 // max(1, len(reference))
+    rows = []
+    for d in range(10):
+        sel = decile_of == d
+        if sel.any():
+            rows.append({"decile": d + 1, "n": int(sel.sum()),
+                         **{name: torch.as_tensor(col, dtype=torch.float64)[sel].mean().item() for name, col in columns.items()}})
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,39 @@
+"""quietstar-experiment end to end on the tiny recipe: both arms trained, scored, tabulated and plotted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_experiment_runs_end_to_end_and_writes_tables_and_plots(tmp_path):
+    out = tmp_path / "exp"
+    proc = subprocess.run([sys.executable, "-m", "quietstar.experiment.runner", "--config",
+                           str(ROOT / "train" / "configs" / "experiment_tiny.yaml"), "--set", f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    arms = {(a["arm"], a["seed"]) for a in results["arms"]}
+    assert arms == {("thinking", 0), ("control", 0)}
+    thinking = next(a for a in results["arms"] if a["arm"] == "thinking")
+    control = next(a for a in results["arms"] if a["arm"] == "control")
+    assert [c["step"] for c in thinking["curve"]] == [2, 4] == [c["step"] for c in control["curve"]]
+    assert "policy_loss" in thinking["history"][-1] and "policy_loss" not in control["history"][-1]
+    # Both arms were scored on the same held-out tokens as the untouched base.
+    n = results["base"]["report"]["n_tokens"]
+    assert thinking["final"]["report"]["n_tokens"] == control["final"]["report"]["n_tokens"] == n > 0
+    summary = results["summary"]
+    assert set(summary) == {"untouched base", "control (plain LM)", "Quiet-STaR, base prediction", "Quiet-STaR, thinking"}
+    assert len(summary["untouched base"]["deciles"]) == 10
+    table = (out / "results.md").read_text()
+    assert "| untouched base |" in table and "hardest 10%" in table
+    for name in ("curves.png", "deciles.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+        image = pytest.importorskip("matplotlib.image").imread(out / name)
+        assert image.shape[0] > 100 and image.shape[1] > 100
