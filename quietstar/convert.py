@@ -304,9 +304,9 @@ def convert_official_checkpoint(
 
     ``path_or_state_dict``: a folder saved by the official code (or a hub id), or its state dict
     with ``config`` (its config.json as a dict or a path). ``n_ahead`` defaults to what config.json's
-    ``max_thoughts`` implies; N = n_ahead - 3, K = ``n_ahead_talk``. With a ``tokenizer`` the
-    delimiter tokens are added to it (if absent) and their ids must lie in the checkpoint's table;
-    without, they are the table's last two rows, as the official training script made them.
+    ``max_thoughts`` implies; N = n_ahead - 3, K = ``n_ahead_talk``. The delimiter ids are the
+    table's last two rows, as the official training script made them; a ``tokenizer`` gets the
+    delimiter tokens added (if absent) and must put them at those ids.
     ``dtype`` defaults to the checkpoint's. Other keywords are :class:`QuietStarConfig` fields
     (``n_passes``, ``thought_attn_implementation``, ...). Raises :class:`ConversionError` naming
     the tensor or setting it does not understand.
@@ -325,6 +325,13 @@ def convert_official_checkpoint(
     ids = {}
     if tokenizer is not None:
         ids = dict(zip(("start_thought_token_id", "end_thought_token_id"), add_thought_tokens(tokenizer)))
+        vocab = int(official_config.get("vocab_size", -1))
+        if tuple(ids.values()) != (vocab - 2, vocab - 1):
+            raise ConversionError(
+                f"the tokenizer puts <|startthought|>, <|endthought|> at ids {tuple(ids.values())}, but the official "
+                f"training script appended them as the last two rows of the {vocab}-row table ({vocab - 2}, {vocab - 1}); "
+                "pass the base model's own tokenizer (mistralai/Mistral-7B-v0.1 for the released model)"
+            )
     qs_config = quietstar_config_from_official(
         official_config, n_ahead=n_ahead, n_ahead_talk=n_ahead_talk, **ids, **thought_kwargs
     )

@@ -166,3 +166,29 @@ def test_bad_sources_are_refused_clearly(tmp_path, capsys):
     assert "is not empty" in capsys.readouterr().err and (tmp_path / "taken" / "keep.txt").exists()
     assert main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
     assert "quietstar-convert: error: no weights in" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _word_tokenizer(n_words: int):
+    """An offline fast tokenizer: words t0..t{n-1} (t0 = <unk>, t1 = <s>, t2 = </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, n_words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_tokenizer_gets_the_delimiters_and_quietstar_eval_loads_the_result(tmp_path):
+    from quietstar.evaluation.cli import load_model
+
+    _word_tokenizer(V - 2).save_pretrained(tmp_path / "tokenizer")
+    src = write_checkpoint(tmp_path / "official")
+    args = [str(src), str(tmp_path / "converted"), "--n-ahead-talk", str(N_AHEAD_TALK), "--tokenizer", str(tmp_path / "tokenizer")]
+    assert main(args) == 0
+    model, tokenizer = load_model(str(tmp_path / "converted"))  # what quietstar-eval --model does
+    assert tokenizer.convert_tokens_to_ids(["<|startthought|>", "<|endthought|>"]) == [V - 2, V - 1]
+    assert (model.config.start_thought_token_id, model.config.end_thought_token_id) == (V - 2, V - 1)
+    # a tokenizer that is not the checkpoint's (its delimiters would land elsewhere) is refused
+    with pytest.raises(ConversionError, match=r"at ids \(50, 51\).*\(96, 97\).*base model's own tokenizer"):
+        convert_official_checkpoint(src, n_ahead_talk=N_AHEAD_TALK, tokenizer=_word_tokenizer(50))
