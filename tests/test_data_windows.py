@@ -49,6 +49,8 @@ def test_one_window_per_document_from_the_first_documents(tmp_path, streaming):
         assert len(window) == min(L, len(texts[owners[0]]))
     assert sorted(sources) == list(range(8))  # every one of the first 8 documents once, none after
     assert any(len(texts[i]) < L for i in sources) and any(len(texts[i]) > L for i in sources)
+    # a random window of a long document, not always its beginning (truncate_or_pad's random start)
+    assert any(not texts[i].startswith(w) for w, i in zip(windows, sources) if len(texts[i]) > L)
     if not streaming:
         assert len(dataset) == 8
     # deterministic: the same windows again (resuming reads the same random starts)
