@@ -307,7 +307,8 @@ def convert_official_checkpoint(
     ``max_thoughts`` implies; N = n_ahead - 3, K = ``n_ahead_talk``. The delimiter ids are the
     table's last two rows, as the official training script made them; a ``tokenizer`` gets the
     delimiter tokens added (if absent) and must put them at those ids.
-    ``dtype`` defaults to the checkpoint's. Other keywords are :class:`QuietStarConfig` fields
+    ``dtype`` defaults to the checkpoint's; then the model holds the loaded tensors themselves (no
+    copy: a bf16 Mistral-7B needs about 15 GB of memory). Other keywords are :class:`QuietStarConfig` fields
     (``n_passes``, ``thought_attn_implementation``, ...). Raises :class:`ConversionError` naming
     the tensor or setting it does not understand.
     """
