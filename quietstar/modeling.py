@@ -24,7 +24,7 @@ from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConf
 from .delimiters import ThoughtDelimiterEmbedding
 from .layout import ThoughtLayout, base_position_ids, step_of
 from .losses import quietstar_loss, shift_ahead, talk_targets
-from .mixing import MixingHead
+from .mixing import DEFAULT_INIT_STD, MixingHead
 from .sampling import ban_tokens, sample_thoughts
 
 register_attention_paths()
@@ -68,7 +68,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             wrapped._is_hf_initialized = True  # holds the base model's own table: post_init must not re-initialise it
             base_lm.set_input_embeddings(wrapped)
         hidden = embedding.embedding_dim
-        self.mixing_head = MixingHead(hidden, config.mixing_head_activation).to(
+        init_std = getattr(base_lm.config, "initializer_range", None) or DEFAULT_INIT_STD  # the base model's own init
+        self.mixing_head = MixingHead(hidden, config.mixing_head_activation, init_std).to(
             device=embedding.weight.device, dtype=embedding.weight.dtype
         )
         self.post_init()

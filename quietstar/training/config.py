@@ -69,6 +69,11 @@ class DataConfig:
     streaming: bool = False
     shuffle_buffer: int = 10_000  # streaming only: shuffle buffer of documents
     seq_len: int = 256  # L: every window holds L base tokens
+    # "packed": documents joined with EOS and cut into L-token windows. "document": one window per
+    # document, as the reference trained (eval_helpers.truncate_or_pad): a random L-token window of a
+    # longer document, a shorter one padded and masked; special tokens (BOS) as the tokenizer adds them.
+    windows: Literal["packed", "document"] = "packed"
+    max_documents: int | None = None  # read only the first N documents of the dataset or stream (None: all)
 
 
 @dataclass
@@ -296,6 +301,8 @@ def validate(cfg: RunConfig) -> None:
             f"data.seq_len = {d.seq_len} is shorter than n_talk_tokens + 2 = {t.n_talk_tokens + 2}: no position "
             f"would have all {t.n_talk_tokens} talk targets; raise data.seq_len or lower thought.n_talk_tokens"
         )
+    if d.max_documents is not None and d.max_documents < 1:
+        problems.append(f"data.max_documents must be >= 1 (or null for all), got {d.max_documents}")
     if cfg.cpu_threads < 0:
         problems.append(f"cpu_threads must be >= 0 (0: torch's default), got {cfg.cpu_threads}")
     for name in ("steps", "batch_size", "grad_accum"):

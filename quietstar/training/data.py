@@ -8,6 +8,8 @@ Two sources, one contract (``next_batch()`` and ``state_dict()`` / ``position``)
   ``randperm(W, seed + e)``. Global micro-batch ``g`` is the ``B * world`` samples
   ``g*B*world ... (g+1)*B*world - 1`` of that endless sequence; process ``r`` takes its own ``B``.
   The position (``g``) is the whole data state: resuming at ``g`` continues the exact order.
+- ``data.windows: document`` replaces packing by one window per document (the reference's
+  recipe), in both sources; ``data.max_documents`` keeps only the first documents.
 - :class:`StreamingDataset` (hub sets too large to download, ``data.streaming: true``): the stream
   is shuffled with a document buffer seeded by ``seed``, split across processes
   (``split_dataset_by_node``), tokenised and packed on the fly. Resuming re-reads and drops the
@@ -51,7 +53,18 @@ def load_documents(cfg: DataConfig, streaming: bool):
     else:
         ds = load_dataset(path, cfg.name, split=cfg.split, streaming=streaming)
     _check_text_field(ds.column_names, cfg)
+    if cfg.max_documents is not None:  # the first documents, before any shuffling (the reference's train[:N])
+        ds = ds.take(cfg.max_documents) if streaming else ds.select(range(min(cfg.max_documents, len(ds))))
     return ds
+
+
+def document_window(ids: list[int], seq_len: int, pad_id: int, seed: int, index: int) -> tuple[list[int], list[int]]:
+    """One L-token window of one document and its mask: a random window of a longer document (the
+    start drawn from ``(seed, index)``, so resuming sees the same window), a shorter one padded."""
+    if len(ids) > seq_len:
+        start = int(np.random.default_rng([seed, index]).integers(0, len(ids) - seq_len + 1))
+        return ids[start : start + seq_len], [1] * seq_len
+    return ids + [pad_id] * (seq_len - len(ids)), [1] * len(ids) + [0] * (seq_len - len(ids))
 
 
 def pack_tokens(tokens: np.ndarray, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,15 +81,21 @@ class PackedDataset:
     def __init__(self, cfg: DataConfig, tokenizer, *, batch_size: int, rank: int, world_size: int, seed: int):
         ds = load_documents(cfg, streaming=False)
         eos = _eos_id(tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        per_document = cfg.windows == "document"
         chunks = []
         for start in range(0, len(ds), 1000):
             texts = [t for t in ds[start : start + 1000][cfg.text_field] if isinstance(t, str) and t.strip()]
-            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
-                chunks.append(np.asarray(ids + [eos], dtype=np.int64))
+            for ids in tokenizer(texts, add_special_tokens=per_document)["input_ids"] if texts else []:
+                chunks.append(document_window(ids, cfg.seq_len, pad, seed, len(chunks)) if per_document
+                              else np.asarray(ids + [eos], dtype=np.int64))
         if not chunks:
             raise ConfigError(f"data.path {cfg.path!r} holds no text in field {cfg.text_field!r} (empty dataset)")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        self.input_ids, self.attention_mask = pack_tokens(np.concatenate(chunks), cfg.seq_len, pad)  # [W, L]
+        if per_document:  # [D, L]
+            self.input_ids = torch.tensor([ids for ids, _ in chunks], dtype=torch.long)
+            self.attention_mask = torch.tensor([mask for _, mask in chunks], dtype=torch.long)
+        else:
+            self.input_ids, self.attention_mask = pack_tokens(np.concatenate(chunks), cfg.seq_len, pad)  # [W, L]
         self.n_tokens = int(self.attention_mask.sum())
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.position = 0  # global micro-batches consumed
@@ -123,14 +142,17 @@ class StreamingDataset:
 
         ds = load_documents(cfg, streaming=True).shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
         self.stream = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        self.cfg, self.tokenizer, self.eos = cfg, tokenizer, _eos_id(tokenizer)
+        self.cfg, self.tokenizer, self.eos, self.seed = cfg, tokenizer, _eos_id(tokenizer), seed
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.position = 0
         self._windows = self._window_iter()
         self._served = 0  # windows this process has taken from the stream
 
     def _window_iter(self):
-        L, epoch, buffer = self.cfg.seq_len, 0, []
+        """Endless (ids, mask) windows of L tokens."""
+        L, epoch, buffer, n_docs = self.cfg.seq_len, 0, [], 0
+        per_document = self.cfg.windows == "document"
         while True:
             self.stream.set_epoch(epoch)
             any_text = False
@@ -139,9 +161,14 @@ class StreamingDataset:
                 if not isinstance(text, str) or not text.strip():
                     continue
                 any_text = True
-                buffer.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos])
+                ids = self.tokenizer(text, add_special_tokens=per_document)["input_ids"]
+                if per_document:  # the window depends on the document's place in this process's stream
+                    yield document_window(ids, L, self.pad, self.seed, n_docs)
+                    n_docs += 1
+                    continue
+                buffer.extend(ids + [self.eos])
                 while len(buffer) >= L:
-                    yield buffer[:L]
+                    yield buffer[:L], [1] * L
                     buffer = buffer[L:]
             if not any_text:
                 raise ConfigError(f"data.path {self.cfg.path!r} streams no text in field {self.cfg.text_field!r} (empty dataset)")
@@ -152,12 +179,12 @@ class StreamingDataset:
         while self._served < target:  # resuming: drop the windows already trained on
             next(self._windows)
             self._served += 1
-        rows = [next(self._windows) for _ in range(self.batch_size)]
+        rows, masks = zip(*(next(self._windows) for _ in range(self.batch_size)))
         ids = [(self._served + i) * self.world_size + self.rank for i in range(self.batch_size)]
         self._served += self.batch_size
         self.position += 1
         input_ids = torch.tensor(rows, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "sample_ids": ids}
+        return {"input_ids": input_ids, "attention_mask": torch.tensor(masks, dtype=torch.long), "sample_ids": ids}
 
     def state_dict(self) -> dict:
         return {"kind": "streaming", "position": self.position}
