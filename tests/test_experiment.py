@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_experiment_runs_end_to_end_and_writes_tables_and_plots(tmp_path):
     out = tmp_path / "exp"
     proc = subprocess.run([sys.executable, "-m", "quietstar.experiment.runner", "--config",
-                           str(ROOT / "train" / "configs" / "experiment_tiny.yaml"), "--set", f"output_dir={out}"],
+                           str(ROOT / "train" / "experiments" / "tiny.yaml"), "--set", f"output_dir={out}"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,3 +37,23 @@ def test_experiment_runs_end_to_end_and_writes_tables_and_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
         image = pytest.importorskip("matplotlib.image").imread(out / name)
         assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "train" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_recipe_loads_and_its_run_validates(path):
+    from quietstar.experiment.runner import load_experiment_config
+    from quietstar.training.config import validate
+
+    cfg = load_experiment_config(str(path))
+    validate(cfg.run)
+    assert cfg.training_seeds and cfg.run.thinking
+
+
+def test_bad_experiment_config_is_refused_clearly(tmp_path):
+    from quietstar.experiment.runner import load_experiment_config
+    from quietstar.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="training_seeds"):
+        load_experiment_config(str(ROOT / "train" / "experiments" / "tiny.yaml"), ["training_seeds=[]"])
+    with pytest.raises(ConfigError):
+        load_experiment_config(str(ROOT / "train" / "experiments" / "tiny.yaml"), ["heldout.evry=3"])

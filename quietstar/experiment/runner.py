@@ -1,7 +1,7 @@
 """``quietstar-experiment``: does thinking make the model predict better? Quiet-STaR vs a control.
 
-    quietstar-experiment --config train/configs/experiment_smollm2.yaml
-    quietstar-experiment --config train/configs/experiment_tiny.yaml --set run.optim.steps=4
+    quietstar-experiment --config train/experiments/smollm2.yaml
+    quietstar-experiment --config train/experiments/tiny.yaml --set run.optim.steps=4
 
 For every training seed, the same base model is trained twice on the same generated math text,
 with the same optimiser, learning rates, schedule and data order: (a) with Quiet-STaR, (b) as a plain
@@ -227,7 +227,7 @@ def results_markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="quietstar-experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="experiment YAML (train/configs/experiment_*.yaml)")
+    p.add_argument("--config", required=True, help="experiment YAML (train/experiments/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. run.optim.steps=50")
     args = p.parse_args(argv)
     try:
