@@ -218,3 +218,41 @@ def test_long_prompts_keep_bos_and_the_whole_answer():
         assert score == pytest.approx(prob, rel=1e-5)
     with pytest.raises(ValueError, match="max_length 3 leaves no room"):
         paper_metric(model, tok, rows, "gsm8k", max_length=3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (pip install 'quietstar[eval]')")
+def test_lm_eval_task_equals_the_paper_metric_and_sees_the_thoughts(tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from quietstar.evaluation.harness import QuietStarLM, tasks_dir
+
+    tok = reloaded(llama_tokenizer(), tmp_path / "tok")  # BOS from the post-processor only
+    tok.pad_token = "</s>"
+    model = thinking_model(len(_vocab_and_merges()[0]))
+    rows = load_examples("commonsense_qa", limit=6)
+    thinking = paper_metric(model, tok, rows, "commonsense_qa")["score"]
+    base = paper_metric(model, tok, rows, "commonsense_qa", use_thoughts=False)["score"]
+    assert clearly_different(thinking, base)  # the model's thoughts change its answers
+
+    def task_score(use_thoughts):
+        lm = QuietStarLM(pretrained=model, tokenizer=tok, batch_size=6, max_length=512, thought_temperature=0.0,
+                         use_thoughts=use_thoughts)
+        out = simple_evaluate(model=lm, tasks=["quietstar_commonsense_qa_sample"], task_manager=TaskManager(include_path=tasks_dir()),
+                              limit=6, bootstrap_iters=0)
+        metrics = out["results"]["quietstar_commonsense_qa_sample"]
+        assert 0.0 <= metrics["acc,none"] <= 1.0
+        return metrics["paper_score,none"], lm
+
+    score, lm = task_score(True)
+    assert score == pytest.approx(thinking, rel=1e-4)
+    assert task_score(False)[0] == pytest.approx(base, rel=1e-4)
+    # and a generation request through the thinking generate()
+    (text,) = lm.generate_until([_request("Q: 1+1\nA:", {"until": ["\n"], "max_gen_toks": 5, "do_sample": False})])
+    assert isinstance(text, str)
+
+
+def _request(context, gen_kwargs):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type="generate_until", doc={}, arguments=(context, gen_kwargs), idx=0)
