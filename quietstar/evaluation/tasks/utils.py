@@ -11,8 +11,9 @@ the log-likelihood of a string continuation, so each doc asks for twelve:
 Within each group the shared terms cancel in the softmax, which gives the two renormalised factors.
 This is exact when each continuation is the tokens named above, i.e. when the letter fuses with its
 space into one token and the newline is its own token after ``":"`` and after a letter: Mistral,
-Llama, GPT-2, SmolLM2 and Qwen tokenizers do. lm-eval reuses one forward for continuations that share
-a context and differ in the last token only, so the six alternatives of a factor see the same thought.
+Llama, GPT-2 and SmolLM2 tokenizers do; Qwen's merges ":" with a following newline, so use
+quietstar-eval there. lm-eval reuses one forward for continuations that share a context and differ
+in the last token only, so the six alternatives of a factor see the same thought.
 """
 
 import json
