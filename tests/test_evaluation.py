@@ -31,6 +31,8 @@ def test_samples_load_and_format():
     assert format_example("gsm8k", gsm[0]) == ("Q: " + gsm[0]["question"] + "\nA:", " 15\n")
     prompt, answer = format_example("commonsense_qa", csqa[1])
     assert prompt.endswith("\n(E) swim\nA:") and answer == " B\n"
+    # the text after "####", commas kept as the reference keeps them (a comma is never scored, but it is read)
+    assert format_example("gsm8k", {"question": "q", "answer": "so\n#### 1,000"}) == ("Q: q\nA:", " 1,000\n")
     with pytest.raises(ValueError, match="unknown task"):
         load_examples("mmlu")
 

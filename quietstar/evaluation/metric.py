@@ -11,14 +11,14 @@ The valid set is the reference's: the answer symbols (digits for GSM8K, the lett
 CommonsenseQA) *as they are tokenised inside an answer*, plus the newline token that ends the
 answer, which is therefore both a competitor at every answer position and scored itself (the
 end-of-answer factor). For Mistral that is digits ``0``..``9`` + ``<0x0A>`` (GSM8K) and ``▁A``..``▁E``
-+ ``<0x0A>`` (CommonsenseQA), i.e. ids 28734..28787 + 13 and 330, 365, 334, 384, 413 + 13 in the
-reference. Note that ``tokenizer("\\n")`` would give ``▁``, ``<0x0A>`` there: the newline is found in an
++ ``<0x0A>`` (CommonsenseQA): the ids the reference hard-codes (``valid_number_tokens``, ending in 13,
+and ``valid_letter_tokens`` 330, 365, 334, 384, 413, 13). Note that ``tokenizer("\\n")`` would give ``▁``, ``<0x0A>`` there: the newline is found in an
 encoded answer, never from ``"\\n"`` alone. Answer tokens outside the valid set are skipped, as in the
 reference (for Mistral the lone ``▁`` before a number's first digit, which the reference skips
 explicitly).
 
 Digit-merging tokenizers (GPT-2: ``" 72"`` is one token) give single-digit tokens only to some
-numbers; the others' digits are skipped and only the newline counts. The metric is meant for
+numbers (" 7", or "5" after " 100"); the others' digits are skipped and only the newline counts. The metric is meant for
 digit-splitting tokenizers (Mistral, Llama, SmolLM2, Qwen), as in the paper.
 """
 
