@@ -19,7 +19,7 @@ import string
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, processors
-from transformers import AutoTokenizer, LlamaTokenizerFast
+from transformers import AutoTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
 
 from quietstar import QuietStarForCausalLM
 from quietstar.evaluation import load_examples, paper_metric, valid_token_ids
@@ -49,19 +49,31 @@ def llama_tokenizer():
     return LlamaTokenizerFast(vocab=vocab, merges=merges, add_bos_token=True)
 
 
-def hub_style_tokenizer(folder):
-    """A tokenizer.json + tokenizer_config.json laid out as Mistral-7B-v0.1's on the hub, loaded with AutoTokenizer."""
+def mistral_tokenizer_json():
+    """A ``tokenizers.Tokenizer`` laid out as Mistral-7B-v0.1's tokenizer.json (SentencePiece's legacy
+    normaliser: prepend ``▁``, spaces to ``▁``; the post-processor adds ``<s>``)."""
     vocab, merges = _vocab_and_merges()
     raw = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
     raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
+    return raw
+
+
+def hub_style_tokenizer(folder):
+    """Mistral's tokenizer.json + tokenizer_config.json as on the hub, loaded with AutoTokenizer (which
+    rebuilds it as a Metaspace LlamaTokenizer)."""
     folder.mkdir(parents=True, exist_ok=True)
-    raw.save(str(folder / "tokenizer.json"))
+    mistral_tokenizer_json().save(str(folder / "tokenizer.json"))
     config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
               "tokenizer_class": "LlamaTokenizer", "legacy": True}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return AutoTokenizer.from_pretrained(folder)
+
+
+def legacy_tokenizer():
+    """Mistral's tokenizer.json wrapped as it is (its own normaliser, as transformers 4.x ran it)."""
+    return PreTrainedTokenizerFast(tokenizer_object=mistral_tokenizer_json(), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def reloaded(tokenizer, folder):
@@ -69,12 +81,15 @@ def reloaded(tokenizer, folder):
     return AutoTokenizer.from_pretrained(folder)
 
 
-@pytest.fixture(params=["llama", "llama-reloaded", "hub", "hub-reloaded"])
+@pytest.fixture(params=["llama", "llama-reloaded", "hub", "hub-reloaded", "legacy"])
 def sp_tokenizer(request, tmp_path):
     if request.param.startswith("llama"):
         tok = llama_tokenizer()
-    else:
+    elif request.param.startswith("hub"):
         tok = hub_style_tokenizer(tmp_path / "hub")
+    else:
+        tok = legacy_tokenizer()
+        assert tok(" B\n", add_special_tokens=False)["input_ids"][:2] == tok.convert_tokens_to_ids(["▁", "▁B"])  # not as in context
     if request.param.endswith("reloaded"):
         tok = reloaded(tok, tmp_path / "reloaded")
     return tok
