@@ -5,7 +5,9 @@ The tokenizer is built offline with the ``tokenizers`` library in Mistral's layo
 then ``▁`` and single characters, with ``▁A``-style merges for letters only (digits stay split:
 ``" 72"`` is ``▁``, ``7``, ``2``). ``tokenizer("\\n")`` is ``▁``, ``<0x0A>`` and BOS is added by the
 post-processor, while ``add_bos_token`` reads False after a reload, as with the real Mistral
-tokenizer in transformers v5.
+tokenizer in transformers v5. Three flavours: transformers' ``LlamaTokenizer`` built from the
+vocabulary, Mistral's tokenizer.json loaded from a hub-style folder, and that tokenizer.json run with
+its own legacy normaliser; the first two also after ``save_pretrained`` + reload.
 
 The expected scores are computed here independently, following the reference's
 ``eval_helpers.compute_metrics`` step by step (hard-coded valid ids, the answer located by
@@ -218,7 +220,7 @@ def test_long_prompts_keep_bos_and_the_whole_answer():
     model = thinking_model(len(_vocab_and_merges()[0]))
     cut = 40
     got = paper_metric(model, tok, rows, "gsm8k", max_length=cut)["per_example"]
-    # the same score as the reference's formula on BOS + the last cut - 1 tokens
+    # the score of BOS + the last cut - 1 tokens (the reference would crop a random window, maybe without the answer)
     for row, score in zip(rows, got):
         ids = tok.encode(reference_texts("gsm8k", [row])[0])
         kept = [BOS] + ids[-(cut - 1):]
@@ -271,3 +273,20 @@ def _request(context, gen_kwargs):
     from lm_eval.api.instance import Instance
 
     return Instance(request_type="generate_until", doc={}, arguments=(context, gen_kwargs), idx=0)
+
+
+def test_tokenizers_the_metric_cannot_serve_are_refused():
+    from tokenizers import Regex, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 127)]
+    merged = [s + "\n" for s in "ABCDE0123456789"]  # the newline fused with the answer symbol
+    raw = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(chars + merged)}, unk_token="?"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-E0-9]\n|[\s\S]"), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="?")
+    with pytest.raises(ValueError, match="one newline token"):
+        valid_token_ids(tok, "commonsense_qa")
+    no_letters = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(c for c in chars if c not in "ABCDE")}, unk_token="?"))
+    no_letters.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    with pytest.raises(ValueError, match="no single-token form of each of 'ABCDE'"):
+        valid_token_ids(PreTrainedTokenizerFast(tokenizer_object=no_letters, unk_token="?"), "commonsense_qa")

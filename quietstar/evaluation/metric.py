@@ -135,7 +135,7 @@ def valid_token_ids(tokenizer, task: str) -> list[int]:
         example = answer_token_ids(tokenizer, PROBE_PROMPT, f" {symbols[0]}\n")
         raise ValueError(
             f"the tokenizer has no single-token form of each of {symbols!r} in an answer (' {symbols[0]}\\n' after "
-            f"{PROBE_PROMPT!r} -> {_show(tokenizer, example)}); the paper's metric cannot be computed with it"
+            f"{PROBE_PROMPT!r} -> {_show(tokenizer, example)}); the paper's metric scores each as one token, so it cannot be computed with this tokenizer"
         )
     ids = set(first) | {newline_token_id(tokenizer, task)}
     if task == "gsm8k":  # digits also stand inside numbers: "▁", "7", "2" (Mistral); "Ġ100", "5" (GPT-2)
