@@ -140,11 +140,11 @@ def reference_score(tokenizer, logits_of, task, rows):
             if tokenizer.decode(question[:i]).count("\nA:") < count:
                 break
         prob = 1.0
+        guess = torch.softmax(logits.double(), dim=-1)  # the reference recomputes this inside the loop
         for j in range(i + (1 if is_numeric else 0), len(question) - 1):
             true_token = question[j + 1]
             if true_token not in valid:
                 continue
-            guess = torch.softmax(logits.double(), dim=-1)
             filtered = torch.zeros_like(guess)
             filtered[:, valid] = guess[:, valid]
             filtered = filtered / filtered.sum(dim=-1, keepdim=True)
