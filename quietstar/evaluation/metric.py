@@ -12,14 +12,15 @@ CommonsenseQA) *as they are tokenised inside an answer*, plus the newline token 
 answer, which is therefore both a competitor at every answer position and scored itself (the
 end-of-answer factor). For Mistral that is digits ``0``..``9`` + ``<0x0A>`` (GSM8K) and ``▁A``..``▁E``
 + ``<0x0A>`` (CommonsenseQA): the ids the reference hard-codes (``valid_number_tokens``, ending in 13,
-and ``valid_letter_tokens`` 330, 365, 334, 384, 413, 13). Note that ``tokenizer("\\n")`` would give ``▁``, ``<0x0A>`` there: the newline is found in an
-encoded answer, never from ``"\\n"`` alone. Answer tokens outside the valid set are skipped, as in the
-reference (for Mistral the lone ``▁`` before a number's first digit, which the reference skips
-explicitly).
+and ``valid_letter_tokens`` 330, 365, 334, 384, 413, 13). Note that ``tokenizer("\\n")`` would give
+``▁``, ``<0x0A>`` there: the newline is found in an encoded answer, never from ``"\\n"`` alone.
+Answer tokens outside the valid set are skipped, as in the reference (for Mistral the lone ``▁``
+before a number's first digit, which the reference skips explicitly).
 
 Digit-merging tokenizers (GPT-2: ``" 72"`` is one token) give single-digit tokens only to some
-numbers (" 7", or "5" after " 100"); the others' digits are skipped and only the newline counts. The metric is meant for
-digit-splitting tokenizers (Mistral, Llama, SmolLM2, Qwen), as in the paper.
+numbers (``" 7"``, or ``"5"`` after ``" 100"``); the others' digits are skipped and only the newline
+counts. The metric is meant for digit-splitting tokenizers (Mistral, Llama, SmolLM2, Qwen), as in
+the paper.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def valid_token_ids(tokenizer, task: str) -> list[int]:
         example = answer_token_ids(tokenizer, PROBE_PROMPT, f" {symbols[0]}\n")
         raise ValueError(
             f"the tokenizer has no single-token form of each of {symbols!r} in an answer (' {symbols[0]}\\n' after "
-            f"{PROBE_PROMPT!r} -> {_show(tokenizer, example)}); the paper's metric scores each as one token, so it cannot be computed with this tokenizer"
+            f"{PROBE_PROMPT!r} -> {_show(tokenizer, example)}); the paper's metric scores each as one token, "
+            "so it cannot be computed with this tokenizer"
         )
     ids = set(first) | {newline_token_id(tokenizer, task)}
     if task == "gsm8k":  # digits also stand inside numbers: "▁", "7", "2" (Mistral); "Ġ100", "5" (GPT-2)
