@@ -110,7 +110,7 @@ def _show(tokenizer, ids: list[int]) -> str:
 def newline_token_id(tokenizer, task: str = "gsm8k") -> int:
     """The id of the newline that ends an answer, found inside encoded answers.
 
-    For SentencePiece tokenizers (Mistral, Llama-2) that is ``<0x0A>``; ``tokenizer("\n")`` would give
+    For SentencePiece tokenizers (Mistral, Llama-2) that is ``<0x0A>``; ``tokenizer("\\n")`` would give
     ``▁``, ``<0x0A>`` there.
     """
     check_task(task)
