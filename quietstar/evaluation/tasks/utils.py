@@ -13,7 +13,8 @@ This is exact when each continuation is the tokens named above, i.e. when the le
 space into one token and the newline is its own token after ``":"`` and after a letter: Mistral,
 Llama, GPT-2 and SmolLM2 tokenizers do; Qwen's merges ":" with a following newline, so use
 quietstar-eval there. lm-eval reuses one forward for continuations that share a context and differ
-in the last token only, so the six alternatives of a factor see the same thought.
+in the last token only (``logits_cache``, on by default), so the six alternatives of a factor see the
+same sampled thought, as in the reference's single forward.
 """
 
 import json
