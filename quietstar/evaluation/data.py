@@ -81,7 +81,7 @@ def _check_row(task: str, row: dict, index: int) -> None:
 def format_example(task: str, row: dict) -> tuple[str, str]:
     """(prompt, answer) strings: the metric scores the answer tokens after the prompt."""
     if task == "gsm8k":
-        final = row["answer"].split("####")[-1].strip().replace(",", "")
+        final = row["answer"].split("####")[-1].strip()  # commas kept, as the reference keeps them (never scored)
         return "Q: " + row["question"] + ANSWER_MARKER, " " + final + "\n"
     check_task(task)
     choices = "\n".join(f"({label}) {text}" for label, text in zip(row["choices"]["label"], row["choices"]["text"]))

@@ -6,6 +6,10 @@
   ``use_thoughts=False``); generation tasks go through the thinking ``generate()``.
 - ``tasks_dir()``: task YAMLs for the paper's metric, to pass as ``include_path``:
   ``quietstar_commonsense_qa`` (hub) and ``quietstar_commonsense_qa_sample`` (the bundled sample).
+  They give ``quietstar-eval``'s commonsense_qa score (letter and end-of-answer newline, each
+  renormalised over A-E and the newline; see ``tasks/utils.py`` for when that is exact). Leave
+  ``add_bos_token`` unset: lm-eval then encodes with the tokenizer's own special tokens, BOS for
+  Mistral/Llama, as the reference and ``paper_metric`` do.
 
 Usage::
 
