@@ -22,7 +22,8 @@ def test_experiment_runs_end_to_end_and_writes_tables_and_plots(tmp_path):
     assert arms == {("thinking", 0), ("control", 0)}
     thinking = next(a for a in results["arms"] if a["arm"] == "thinking")
     control = next(a for a in results["arms"] if a["arm"] == "control")
-    assert [c["step"] for c in thinking["curve"]] == [2, 4] == [c["step"] for c in control["curve"]]
+    assert [c["step"] for c in thinking["curve"]] == [0, 2, 4] == [c["step"] for c in control["curve"]]
+    assert thinking["curve"][0] == control["curve"][0]  # step 0: the untouched model, the same for both arms
     assert "policy_loss" in thinking["history"][-1] and "policy_loss" not in control["history"][-1]
     # Both arms were scored on the same held-out tokens as the untouched base.
     n = results["base"]["report"]["n_tokens"]

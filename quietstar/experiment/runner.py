@@ -103,19 +103,25 @@ def _metric(model, tokenizer, examples, use_thoughts: bool) -> float | None:
         model.train(was_training)
 
 
-def run_arm(cfg: ExperimentConfig, arm: str, seed: int, train_file: Path, heldout_text: str, tokenizer, examples) -> dict:
-    """Train one arm (``thinking`` or ``control``) for one seed; score it during and after training."""
+def _curve_point(step: int, r) -> dict:
+    return {"step": step, "nll_base": r.nll_base, "nll_thinking": r.nll_thinking, "hard_nll_base": r.hard["nll_base"],
+            "hard_nll_thinking": r.hard["nll_thinking"], "reward_mean": r.reward_mean, "mixing_weight_mean": r.mixing_weight["mean"]}
+
+
+def run_arm(cfg: ExperimentConfig, arm: str, seed: int, train_file: Path, heldout_text: str, tokenizer, examples,
+            start: dict | None = None) -> dict:
+    """Train one arm (``thinking`` or ``control``) for one seed; score it during and after training.
+
+    ``start``: the untouched model's point on the curve (step 0; a zero-initialised mixing head thinks
+    to no effect, so it is the base prediction for both arms)."""
     from ..training.loop import train
 
     run = _arm_config(cfg, arm, seed, train_file)
-    thinking, total, curve, final = arm == "thinking", run.optim.steps, [], {}
+    thinking, total, curve, final = arm == "thinking", run.optim.steps, [start] if start else [], {}
 
     def on_step(step, model, metrics):
         if (cfg.heldout.every and step % cfg.heldout.every == 0) or step == total:
-            r = _score(model, tokenizer, heldout_text, cfg.heldout, cfg.heldout.max_windows, thinking)
-            curve.append({"step": step, "nll_base": r.nll_base, "nll_thinking": r.nll_thinking,
-                          "hard_nll_base": r.hard["nll_base"], "hard_nll_thinking": r.hard["nll_thinking"],
-                          "reward_mean": r.reward_mean, "mixing_weight_mean": r.mixing_weight["mean"]})
+            curve.append(_curve_point(step, _score(model, tokenizer, heldout_text, cfg.heldout, cfg.heldout.max_windows, thinking)))
         if step == total:  # the tables: more windows, the paper's metric
             r = _score(model, tokenizer, heldout_text, cfg.heldout, cfg.heldout.final_max_windows, thinking)
             final.update(report=r.to_dict(per_token=True), metric_base=_metric(model, tokenizer, examples, False),
@@ -142,6 +148,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         torch.set_num_threads(cfg.run.cpu_threads)
     base_model, tokenizer = build_model(cfg.run.model, cfg.run.thought, seed=cfg.run.seed)
     base = _score(base_model.base_lm, tokenizer, heldout_text, cfg.heldout, cfg.heldout.final_max_windows, thinking=False)
+    start = _curve_point(0, _score(base_model.base_lm, tokenizer, heldout_text, cfg.heldout, cfg.heldout.max_windows, thinking=False))
     results = {"config": to_dict(cfg), "base": {"report": base.to_dict(per_token=True),
                                                  "metric_base": _metric(base_model.base_lm, tokenizer, examples, False)},
                "arms": []}
@@ -149,7 +156,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     for seed in cfg.training_seeds:
         for arm in ("thinking", "control"):
             print(f"== {arm}, seed {seed}", flush=True)
-            results["arms"].append(run_arm(cfg, arm, seed, paths["train"], heldout_text, tokenizer, examples))
+            results["arms"].append(run_arm(cfg, arm, seed, paths["train"], heldout_text, tokenizer, examples, start))
     results["summary"] = summarise(results)
     results["wall_s"] = time.perf_counter() - t0
 
