@@ -54,7 +54,10 @@ def test_bad_experiment_config_is_refused_clearly(tmp_path):
     from quietstar.experiment.runner import load_experiment_config
     from quietstar.training.config import ConfigError
 
-    with pytest.raises(ConfigError, match="training_seeds"):
-        load_experiment_config(str(ROOT / "train" / "experiments" / "tiny.yaml"), ["training_seeds=[]"])
-    with pytest.raises(ConfigError):
-        load_experiment_config(str(ROOT / "train" / "experiments" / "tiny.yaml"), ["heldout.evry=3"])
+    tiny = str(ROOT / "train" / "experiments" / "tiny.yaml")
+    with pytest.raises(ConfigError, match="at least one seed"):
+        load_experiment_config(tiny, ["training_seeds=[]"])
+    with pytest.raises(ConfigError, match="unknown config key 'heldout.evry'.*every"):
+        load_experiment_config(tiny, ["heldout.evry=3"])
+    cfg = load_experiment_config(tiny, ["run.thought.policy_loss_weight=2.5", "heldout.every=3"])
+    assert cfg.run.thought.policy_loss_weight == 2.5 and cfg.heldout.every == 3

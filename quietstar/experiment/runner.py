@@ -67,7 +67,7 @@ class ExperimentConfig:
 
 def load_experiment_config(path: str | None, overrides: list[str] | None = None) -> ExperimentConfig:
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
-    data = apply_overrides(data or {}, overrides or [])
+    data = apply_overrides(data or {}, overrides or [], root=ExperimentConfig)
     cfg = from_dict(ExperimentConfig, data)
     if not cfg.training_seeds:
         raise ConfigError("training_seeds is empty: give at least one seed")

@@ -217,14 +217,15 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``["optim.lr=1e-5", "logging.trackers=[]"]`` applied to a nested dict (values parsed as YAML)."""
+def apply_overrides(data: dict, overrides: list[str], root: type = RunConfig) -> dict:
+    """``["optim.lr=1e-5", "logging.trackers=[]"]`` applied to a nested dict (values parsed as YAML);
+    keys are checked against the dataclass ``root`` (a run config unless told otherwise)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value (e.g. optim.lr=1e-5), got {item!r}")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        node, cls = data, RunConfig
+        node, cls = data, root
         for depth, part in enumerate(parts):
             known = {f.name: f for f in dataclasses.fields(cls)}
             dotted = ".".join(parts[: depth + 1])
