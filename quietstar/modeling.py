@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .attention import TORCH, check_attention_name, register_attention_paths
+from .compat import cache_of
 from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConfig
 from .delimiters import ThoughtDelimiterEmbedding
 from .layout import ThoughtLayout, base_position_ids, step_of
@@ -406,8 +407,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The thinking loop builds a DynamicCache for the base model (the wrapper's config has no layers);
         # a cache the caller passes in is used as it is (it must support crop()).
-        if model_kwargs.get("cache") is not None:
-            model_kwargs["cache"]._is_user_defined = True
+        if cache_of(model_kwargs) is not None:
+            cache_of(model_kwargs)._is_user_defined = True
 
     def _beam_search(self, *args, **kwargs):
         raise NotImplementedError("beam search is not supported with thoughts; use greedy search or sampling (num_beams=1)")

@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
+from .compat import with_cache
 from .layout import ThoughtLayout
+
+
+def full_kv_cache() -> DynamicCache:
+    """A KV cache that keeps every key: what the thought layout and thinking generation need.
+
+    ``DynamicCache(config=...)`` of a sliding-window model (Mistral: ``sliding_window=4096``) keeps
+    only the last ``window - 1`` keys of each layer, counted along the cache, i.e. the flattened
+    layout. The window applies to position ids instead: the sampling cache holds ``(1 + s) L``
+    keys whose positions all lie below ``L + S``, so it must keep them all; the forward refuses
+    inputs with ``L + S`` beyond the window. In generation, the window is applied by the base
+    model's own mask (stock sdpa), and a thought cropped off the cache must leave the prefix intact.
+    """
+    return DynamicCache()
 
 
 def ban_tokens(logits: torch.Tensor, banned_ids) -> torch.Tensor:
@@ -49,9 +64,15 @@ def sample_thoughts(
     """
     B, L = input_ids.shape
     layout = ThoughtLayout(L, attention_mask.bool())
-    cache = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, thought_layout=layout
-    ).cache
+    cache = full_kv_cache()
+    decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        thought_layout=layout,
+        **with_cache(cache),
+    )
     step_tokens = torch.full_like(input_ids, start_thought_id)
     thoughts = []
     for step in range(1, n_thought_tokens + 1):
@@ -59,9 +80,9 @@ def sample_thoughts(
             input_ids=step_tokens,
             attention_mask=attention_mask.repeat(1, step + 1),
             position_ids=position_ids + step,
-            cache=cache,
             use_cache=True,
             thought_layout=layout,
+            **with_cache(cache),
         ).last_hidden_state
         step_tokens = pick_tokens(lm_head(hidden), temperature, banned_ids, generator)
         thoughts.append(step_tokens)
