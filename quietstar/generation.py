@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .attention import THOUGHT_ATTENTION_NAMES
 from .compat import cache_of, with_cache
 from .layout import base_position_ids
-from .sampling import ban_tokens, full_kv_cache, pick_tokens
+from .sampling import ban_tokens, pick_tokens
+from .window import full_kv_cache, sliding_window
 
 
 @dataclass
@@ -196,6 +198,8 @@ def thinking_sample(
             f"(built without a config: sliding-window layers drop the keys a cropped thought overwrote), got {type(cache).__name__}"
         )
 
+    _check_window(decoder.config, generation_config.max_length, options.n_thought_tokens)
+
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     return_dict = generation_config.return_dict_in_generate or options.return_thoughts
@@ -246,6 +250,19 @@ def thinking_sample(
         **with_cache(state.cache if generation_config.use_cache is not False else None),
         **extra,
     )
+
+
+def _check_window(base_config, max_length: int, n_thought_tokens: int) -> None:
+    """Refuse what the ``quietstar_*`` paths cannot window: outside the thought layout they attend to
+    the whole cache, so a windowed base model must generate with a stock attention past its window."""
+    window, attn = sliding_window(base_config), base_config._attn_implementation
+    span = max_length + n_thought_tokens + 1  # the last thought's eot sits at position max_length + N
+    if window is not None and attn in THOUGHT_ATTENTION_NAMES and span > window:
+        raise ValueError(
+            f"generating up to {max_length} tokens with {n_thought_tokens}-token thoughts spans {span} positions, beyond "
+            f"the base model's sliding window ({window}), which {attn} does not apply; generate with "
+            "generation_attn_implementation='sdpa' (the default) or fewer new tokens"
+        )
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from .layout import ThoughtLayout, base_position_ids, step_of
 from .losses import quietstar_loss, shift_ahead, talk_targets
 from .mixing import MixingHead
 from .sampling import ban_tokens, sample_thoughts
+from .window import sliding_window
 
 register_attention_paths()
 
@@ -310,11 +311,11 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 f"sequence too long: {L} tokens + {S} thought steps (S = N + K + 1) need position ids up to "
                 f"{L + S - 1}, but the base model allows {max_positions} positions; use at most {max_positions - S} tokens"
             )
-        window = getattr(base_cfg, "sliding_window", None)
-        if window is not None and getattr(base_cfg, "use_sliding_window", True) and L + S > window:
+        window = sliding_window(base_cfg)
+        if window is not None and L + S > window:  # L + S <= window: no visible key is out of the window (window.py)
             raise ValueError(
-                f"sequence of {L} tokens + {S} thought steps exceeds the base model's sliding window ({window}); "
-                "the thought attention paths implement full causal attention only"
+                f"sequence too long for the base model's sliding window: {L} tokens + {S} thought steps (S = N + K + 1) "
+                f"span {L + S} positions, but the window is {window}; use at most {window - S} tokens per sequence or fewer thought/talk tokens"
             )
         vocab = self.get_output_embeddings().out_features
         if thought_ids is not None:

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from .compat import with_cache
 from .layout import ThoughtLayout
-
-
-def full_kv_cache() -> DynamicCache:
-    """A KV cache that keeps every key: what the thought layout and thinking generation need.
-
-    ``DynamicCache(config=...)`` of a sliding-window model (Mistral: ``sliding_window=4096``) keeps
-    only the last ``window - 1`` keys of each layer, counted along the cache, i.e. the flattened
-    layout. The window applies to position ids instead: the sampling cache holds ``(1 + s) L``
-    keys whose positions all lie below ``L + S``, so it must keep them all; the forward refuses
-    inputs with ``L + S`` beyond the window. In generation, the window is applied by the base
-    model's own mask (stock sdpa), and a thought cropped off the cache must leave the prefix intact.
-    """
-    return DynamicCache()
+from .window import full_kv_cache
 
 
 def ban_tokens(logits: torch.Tensor, banned_ids) -> torch.Tensor:
@@ -60,7 +47,8 @@ def sample_thoughts(
     """Sample a thought at every position at once: ``[B, L]`` -> thought ids ``[B, L, N]``.
 
     Call s (s = 0..N) appends step s (base tokens, then ``<|startthought|>``, then t_1..t_{N-1}) of
-    all L positions to the KV cache; the logits of call s >= 1 give t_s.
+    all L positions to the KV cache; the logits of call s >= 1 give t_s. The cache keeps every key
+    (a sliding-window layer would drop the flattened layout's keys: quietstar/window.py).
     """
     B, L = input_ids.shape
     layout = ThoughtLayout(L, attention_mask.bool())
