@@ -129,3 +129,16 @@ def test_too_long_for_the_window_is_refused_clearly():
     with pytest.raises(ValueError, match="beyond the base model's sliding window .* generation_attn_implementation='sdpa'"):
         model.generate(ids, max_new_tokens=WINDOW, generation_attn_implementation=None, pad_token_id=0)
     model.generate(ids, max_new_tokens=WINDOW - 5 - N - 1, generation_attn_implementation=None, pad_token_id=0)  # fits
+
+
+def test_which_configs_apply_a_window():
+    from transformers import MistralConfig, Qwen2Config
+
+    from quietstar.window import sliding_window
+
+    assert sliding_window(MistralConfig()) == 4096  # Mistral-7B-v0.1's default
+    assert sliding_window(MistralConfig(sliding_window=None)) is None
+    assert sliding_window(Qwen2Config(sliding_window=8)) is None  # use_sliding_window=False by default
+    assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=8, num_hidden_layers=2, max_window_layers=1)) == 8
+    # Every layer below max_window_layers attends in full: no layer is windowed.
+    assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=8, num_hidden_layers=2, max_window_layers=2)) is None

@@ -1,0 +1,67 @@
+"""The supported transformers range: one declared lower bound, and the version differences in quietstar/compat.py.
+
+CI runs these and the core tests under both the newest transformers and the lower bound (.ci/run).
+"""
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.compat import CACHE_KWARG, MIN_TRANSFORMERS, cache_of, check_transformers_version
+from tiny_models import tiny_base, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_one_lower_bound_declared_and_tested():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    declared = re.search(r'"transformers>=([\d.]+),<6"', pyproject)
+    assert declared, "pyproject.toml must declare transformers>=LOWER,<6"
+    assert Version(declared.group(1)) == Version(MIN_TRANSFORMERS)
+    assert f"transformers=={MIN_TRANSFORMERS}" in (ROOT / ".ci" / "run").read_text()  # the CI leg that keeps the claim true
+
+
+def test_older_transformers_refused_with_the_fix():
+    with pytest.raises(ImportError, match=rf"needs transformers >= {MIN_TRANSFORMERS}, found 5.16.2; upgrade with: pip install"):
+        check_transformers_version("5.16.2")
+    for ok in (MIN_TRANSFORMERS, MIN_TRANSFORMERS + ".dev0", "5.24.0", transformers.__version__):
+        check_transformers_version(ok)
+
+
+def test_cache_keyword_is_the_installed_versions():
+    decoder = tiny_base("llama").base_model
+    assert CACHE_KWARG in inspect.signature(decoder.forward).parameters
+    out = decoder(input_ids=torch.ones(1, 3, dtype=torch.long), use_cache=True)
+    assert cache_of(out) is not None and cache_of(out).get_seq_length() == 3
+    assert cache_of({CACHE_KWARG: "c"}) == "c" and cache_of({}) is None
+
+
+def test_nested_config_from_dict_none_and_instance():
+    mistral = tiny_config("mistral")
+    from_dict = QuietStarConfig(base_config=mistral.to_dict(), start_thought_token_id=96, end_thought_token_id=97)
+    assert isinstance(from_dict.base_config, MistralConfig) and from_dict.base_config.hidden_size == 32
+    assert isinstance(QuietStarConfig().base_config, LlamaConfig)  # the default base, as before
+    no_type = {k: v for k, v in mistral.to_dict().items() if k != "model_type"}
+    assert isinstance(QuietStarConfig(base_config=no_type).base_config, LlamaConfig)
+    assert QuietStarConfig(base_config=mistral).base_config is mistral
+    again = QuietStarConfig.from_dict(from_dict.to_dict())
+    assert again.base_config.to_dict() == from_dict.base_config.to_dict()
+    assert QuietStarConfig.sub_configs == {"base_config": transformers.AutoConfig}
+
+
+def test_attention_choice_reaches_the_nested_config(tmp_path):
+    model = QuietStarForCausalLM.from_base(tiny_base("mistral"), n_thought_tokens=2, n_talk_tokens=2)
+    model.config._attn_implementation = "quietstar_reference"  # transformers propagates through sub_configs
+    assert model.config.base_config._attn_implementation == "quietstar_reference"
+    model.set_attn_implementation("quietstar_torch")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, QuietStarForCausalLM) and isinstance(loaded.config.base_config, MistralConfig)
+    assert loaded.base_lm.config._attn_implementation == "quietstar_torch"
