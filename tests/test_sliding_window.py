@@ -132,7 +132,9 @@ def test_too_long_for_the_window_is_refused_clearly():
 
 
 def test_which_configs_apply_a_window():
-    from transformers import MistralConfig, Qwen2Config
+    from types import SimpleNamespace
+
+    from transformers import MistralConfig, Qwen2Config, Qwen2MoeConfig
 
     from quietstar.window import sliding_window
 
@@ -142,3 +144,6 @@ def test_which_configs_apply_a_window():
     assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=8, num_hidden_layers=2, max_window_layers=1)) == 8
     # Every layer below max_window_layers attends in full: no layer is windowed.
     assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=8, num_hidden_layers=2, max_window_layers=2)) is None
+    assert sliding_window(Qwen2MoeConfig()) is None  # stores sliding_window=0 when off
+    assert sliding_window(SimpleNamespace(sliding_window=8, use_sliding_window=False)) is None  # a config without layer_types
+    assert sliding_window(SimpleNamespace(sliding_window=8)) == 8
