@@ -65,3 +65,17 @@ def test_attention_choice_reaches_the_nested_config(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(loaded, QuietStarForCausalLM) and isinstance(loaded.config.base_config, MistralConfig)
     assert loaded.base_lm.config._attn_implementation == "quietstar_torch"
+
+
+def test_greedy_thoughts_sampled_through_the_cache_are_the_replays_argmax():
+    """Sampling must feed its KV cache under the installed version's keyword: a keyword the decoder
+    does not know is swallowed by its **kwargs, and every step would then run without the cache."""
+    model = QuietStarForCausalLM.from_base(tiny_base("llama"), n_thought_tokens=3, n_talk_tokens=2, n_passes=1,
+                                           thought_temperature=0.0).eval()
+    ids = torch.randint(0, 90, (2, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        thoughts = model(ids).thought_ids  # [B, L, N]
+        hidden = model.replay(ids, mask, torch.arange(7).expand(2, 7), thoughts)  # [B, 1+S, L, H]
+        logits = model.get_output_embeddings()(hidden[:, 1 : 1 + 3])  # steps sot, t_1, t_2 predict t_1..t_3
+    assert torch.equal(logits.argmax(-1).permute(0, 2, 1), thoughts)
