@@ -9,9 +9,10 @@ import contextlib
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from quietstar import QuietStarForCausalLM
+from quietstar.compat import with_cache
 from quietstar.sampling import ban_tokens
 from tiny_models import padded_batch, tiny_config
 
@@ -129,6 +130,10 @@ def test_too_long_for_the_window_is_refused_clearly():
     with pytest.raises(ValueError, match="beyond the base model's sliding window .* generation_attn_implementation='sdpa'"):
         model.generate(ids, max_new_tokens=WINDOW, generation_attn_implementation=None, pad_token_id=0)
     model.generate(ids, max_new_tokens=WINDOW - 5 - N - 1, generation_attn_implementation=None, pad_token_id=0)  # fits
+    windowed_cache = DynamicCache(config=model.base_lm.config)  # sliding layers: a cropped thought would take the prefix with it
+    with pytest.raises(ValueError, match=r"needs a DynamicCache\(\) that keeps every key"):
+        model.generate(ids, max_new_tokens=2, pad_token_id=0, **with_cache(windowed_cache))
+    model.generate(ids, max_new_tokens=2, pad_token_id=0, **with_cache(DynamicCache()))
 
 
 def test_which_configs_apply_a_window():
