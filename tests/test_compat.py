@@ -67,11 +67,16 @@ def test_attention_choice_reaches_the_nested_config(tmp_path):
     assert loaded.base_lm.config._attn_implementation == "quietstar_torch"
 
 
-def test_greedy_thoughts_sampled_through_the_cache_are_the_replays_argmax():
-    """Sampling must feed its KV cache under the installed version's keyword: a keyword the decoder
-    does not know is swallowed by its **kwargs, and every step would then run without the cache."""
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "train-mode-checkpointing"])
+def test_greedy_thoughts_sampled_through_the_cache_are_the_replays_argmax(checkpointing):
+    """Sampling must feed its KV cache under the installed version's keyword (a keyword the decoder
+    does not know is swallowed by its **kwargs) and keep it under gradient checkpointing in training
+    mode (5.17 drops it even without grad); either way every step would silently run without it."""
     model = QuietStarForCausalLM.from_base(tiny_base("llama"), n_thought_tokens=3, n_talk_tokens=2, n_passes=1,
                                            thought_temperature=0.0).eval()
+    if checkpointing:
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as quietstar-train
     ids = torch.randint(0, 90, (2, 7), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
     with torch.no_grad():
@@ -79,3 +84,7 @@ def test_greedy_thoughts_sampled_through_the_cache_are_the_replays_argmax():
         hidden = model.replay(ids, mask, torch.arange(7).expand(2, 7), thoughts)  # [B, 1+S, L, H]
         logits = model.get_output_embeddings()(hidden[:, 1 : 1 + 3])  # steps sot, t_1, t_2 predict t_1..t_3
     assert torch.equal(logits.argmax(-1).permute(0, 2, 1), thoughts)
+    if checkpointing:  # and thinking generation keeps its cache too: the greedy thought at the last position
+        gen = model.generate(ids, max_new_tokens=1, do_sample=False, return_thoughts=True, pad_token_id=95)
+        assert torch.equal(gen.thought_ids[:, 0], thoughts[:, -1])
+        assert all(m.gradient_checkpointing for m in model.base_lm.base_model.layers)  # switched back on
