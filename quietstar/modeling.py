@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .attention import TORCH, check_attention_name, register_attention_paths
-from .compat import cache_of
+from .compat import cache_of, kv_cache_kept
 from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConfig
 from .delimiters import ThoughtDelimiterEmbedding
 from .layout import ThoughtLayout, base_position_ids, step_of
@@ -401,9 +401,10 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         options = getattr(self, "_thinking_options", None) or ThinkingOptions(
             self.config.n_thought_tokens, self.config.thought_temperature
         )
-        return thinking_sample(
-            self, input_ids, logits_processor, stopping_criteria, generation_config, options, streamer=streamer, **model_kwargs
-        )
+        with kv_cache_kept(self.base_lm):  # generate() runs without grad; 5.17 would drop the cache under checkpointing
+            return thinking_sample(
+                self, input_ids, logits_processor, stopping_criteria, generation_config, options, streamer=streamer, **model_kwargs
+            )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The thinking loop builds a DynamicCache for the base model (the wrapper's config has no layers);

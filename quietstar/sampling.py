@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .compat import with_cache
+from .compat import kv_cache_kept, with_cache
 from .layout import ThoughtLayout
 from .window import full_kv_cache
 
@@ -53,25 +53,26 @@ def sample_thoughts(
     B, L = input_ids.shape
     layout = ThoughtLayout(L, attention_mask.bool())
     cache = full_kv_cache()
-    decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        thought_layout=layout,
-        **with_cache(cache),
-    )
-    step_tokens = torch.full_like(input_ids, start_thought_id)
-    thoughts = []
-    for step in range(1, n_thought_tokens + 1):
-        hidden = decoder(
-            input_ids=step_tokens,
-            attention_mask=attention_mask.repeat(1, step + 1),
-            position_ids=position_ids + step,
+    with kv_cache_kept(decoder):
+        decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
             use_cache=True,
             thought_layout=layout,
             **with_cache(cache),
-        ).last_hidden_state
-        step_tokens = pick_tokens(lm_head(hidden), temperature, banned_ids, generator)
-        thoughts.append(step_tokens)
+        )
+        step_tokens = torch.full_like(input_ids, start_thought_id)
+        thoughts = []
+        for step in range(1, n_thought_tokens + 1):
+            hidden = decoder(
+                input_ids=step_tokens,
+                attention_mask=attention_mask.repeat(1, step + 1),
+                position_ids=position_ids + step,
+                use_cache=True,
+                thought_layout=layout,
+                **with_cache(cache),
+            ).last_hidden_state
+            step_tokens = pick_tokens(lm_head(hidden), temperature, banned_ids, generator)
+            thoughts.append(step_tokens)
     return torch.stack(thoughts, dim=-1)

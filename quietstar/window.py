@@ -28,8 +28,8 @@ from transformers import DynamicCache
 def sliding_window(base_config) -> int | None:
     """The window (in positions) the base model applies, or None for full causal attention."""
     window = getattr(base_config, "sliding_window", None)
-    if window is None or not getattr(base_config, "use_sliding_window", True):
-        return None
+    if not window or not getattr(base_config, "use_sliding_window", True):
+        return None  # Qwen2-MoE stores sliding_window=0 when use_sliding_window is off
     layer_types = getattr(base_config, "layer_types", None)
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None  # e.g. Qwen2 with max_window_layers >= num_hidden_layers: no layer is windowed
