@@ -152,3 +152,4 @@ def test_which_configs_apply_a_window():
     assert sliding_window(Qwen2MoeConfig()) is None  # stores sliding_window=0 when off
     assert sliding_window(SimpleNamespace(sliding_window=8, use_sliding_window=False)) is None  # a config without layer_types
     assert sliding_window(SimpleNamespace(sliding_window=8)) == 8
+    assert sliding_window(SimpleNamespace(sliding_window=0)) is None
