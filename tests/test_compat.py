@@ -67,6 +67,7 @@ def test_attention_choice_reaches_the_nested_config(tmp_path):
     assert loaded.base_lm.config._attn_implementation == "quietstar_torch"
 
 
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")  # deprecated after 5.17, kept until v6
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "train-mode-checkpointing"])
 def test_greedy_thoughts_sampled_through_the_cache_are_the_replays_argmax(checkpointing):
     """Sampling must feed its KV cache under the installed version's keyword (a keyword the decoder
