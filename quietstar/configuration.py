@@ -10,8 +10,8 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
+from . import compat  # noqa: F401  (refuses a transformers older than the supported range)
 from .attention import THOUGHT_ATTENTION_NAMES, TORCH
 from .layout import n_extra_steps
 
@@ -41,7 +41,10 @@ class QuietStarConfig(PreTrainedConfig):
     """
 
     model_type = "quietstar"
-    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    # The plain ``sub_configs`` declaration (not 5.18's ``sub_configs_defaults``) is read by every
+    # supported transformers version; ``__post_init__`` builds the nested config itself.
+    sub_configs = {"base_config": AutoConfig}
+    default_base_model_type = "llama"
 
     base_config: dict | PreTrainedConfig | None = None
     n_thought_tokens: int = 9
@@ -61,6 +64,12 @@ class QuietStarConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.base_config is None:
+            self.base_config = AutoConfig.for_model(self.default_base_model_type)
+        elif isinstance(self.base_config, dict):  # from config.json: the base model's own config class
+            settings = dict(self.base_config)
+            model_type = settings.pop("model_type", self.default_base_model_type)
+            self.base_config = AutoConfig.for_model(model_type, **settings)
         super().__post_init__(**kwargs)
         # The wrapper's own embeddings are the base model's; tying is the base config's business.
         self.tie_word_embeddings = False

@@ -21,11 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .attention import THOUGHT_ATTENTION_NAMES
+from .compat import cache_of, with_cache
 from .layout import base_position_ids
 from .sampling import ban_tokens, pick_tokens
+from .window import full_kv_cache, sliding_window
 
 
 @dataclass
@@ -92,7 +94,7 @@ def prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, cach
     of it is cropped by one token so that the last token's hidden state is recomputed.
     """
     if cache is None:
-        cache = DynamicCache(config=decoder.config)
+        cache = full_kv_cache()
     cached = cache.get_seq_length()
     if cached > input_ids.shape[1]:
         raise ValueError(f"the cache holds {cached} tokens but the prompt has only {input_ids.shape[1]}")
@@ -105,8 +107,8 @@ def prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, cach
         input_ids=input_ids[:, cached:],
         attention_mask=state.mask_with(0),
         position_ids=positions[:, cached:],
-        cache=cache,
         use_cache=True,
+        **with_cache(cache),
     ).last_hidden_state
     state.last_position, state.last_hidden = positions[:, -1], hidden[:, -1]
     return state
@@ -121,8 +123,8 @@ def base_step(decoder, state: BaseState, tokens: torch.Tensor) -> None:
         input_ids=tokens[:, None],
         attention_mask=state.mask_with(0),
         position_ids=state.last_position[:, None],
-        cache=state.cache,
         use_cache=True,
+        **with_cache(state.cache),
     ).last_hidden_state[:, -1]
 
 
@@ -149,8 +151,8 @@ def think(model, state: BaseState, options: ThinkingOptions) -> Thought:
             input_ids=tokens,
             attention_mask=state.mask_with(s),
             position_ids=(state.last_position + s)[:, None],
-            cache=state.cache,
             use_cache=True,
+            **with_cache(state.cache),
         ).last_hidden_state[:, -1]  # [B, H]
         if s <= N:
             picked = pick_tokens(lm_head(hidden), options.thought_temperature, banned, options.generator)  # [B]
@@ -187,11 +189,16 @@ def thinking_sample(
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is None:  # generate() drops an all-ones mask
         attention_mask = torch.ones_like(input_ids)
-    cache = model_kwargs.get("cache")
+    cache = cache_of(model_kwargs)
     if cache is not None and not getattr(cache, "_is_user_defined", False):
         cache = None  # generate() sized its default cache for the wrapper's config; build one for the base model
-    if cache is not None and not hasattr(cache, "crop"):
-        raise ValueError(f"thinking generation needs a croppable cache (e.g. DynamicCache), got {type(cache).__name__}")
+    if cache is not None and (not hasattr(cache, "crop") or any(getattr(cache, "is_sliding", ()))):
+        raise ValueError(
+            f"thinking generation crops every thought off the cache, so it needs a DynamicCache() that keeps every key "
+            f"(built without a config: sliding-window layers drop the keys a cropped thought overwrote), got {type(cache).__name__}"
+        )
+
+    _check_window(decoder.config, generation_config.max_length, options.n_thought_tokens)
 
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
@@ -237,8 +244,25 @@ def thinking_sample(
     if options.return_thoughts:
         extra = dict(thought_ids=torch.stack(thought_ids, dim=1), mixing_weights=torch.stack(weights, dim=1))
     return ThinkingGenerateOutput(
-        sequences=input_ids, scores=scores, logits=raw_logits, cache=state.cache if generation_config.use_cache is not False else None, **extra
+        sequences=input_ids,
+        scores=scores,
+        logits=raw_logits,
+        **with_cache(state.cache if generation_config.use_cache is not False else None),
+        **extra,
     )
+
+
+def _check_window(base_config, max_length: int, n_thought_tokens: int) -> None:
+    """Refuse what the ``quietstar_*`` paths cannot window: outside the thought layout they attend to
+    the whole cache, so a windowed base model must generate with a stock attention past its window."""
+    window, attn = sliding_window(base_config), base_config._attn_implementation
+    span = max_length + n_thought_tokens + 1  # the last thought's eot sits at position max_length + N
+    if window is not None and attn in THOUGHT_ATTENTION_NAMES and span > window:
+        raise ValueError(
+            f"generating up to {max_length} tokens with {n_thought_tokens}-token thoughts spans {span} positions, beyond "
+            f"the base model's sliding window ({window}), which {attn} does not apply; generate with "
+            "generation_attn_implementation='sdpa' (the default) or fewer new tokens"
+        )
 
 
 @torch.no_grad()

@@ -20,12 +20,14 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .attention import TORCH, check_attention_name, register_attention_paths
+from .compat import cache_of, kv_cache_kept
 from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConfig
 from .delimiters import ThoughtDelimiterEmbedding
 from .layout import ThoughtLayout, base_position_ids, step_of
 from .losses import quietstar_loss, shift_ahead, talk_targets
 from .mixing import DEFAULT_INIT_STD, MixingHead
 from .sampling import ban_tokens, sample_thoughts
+from .window import sliding_window
 
 register_attention_paths()
 
@@ -310,11 +312,11 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 f"sequence too long: {L} tokens + {S} thought steps (S = N + K + 1) need position ids up to "
                 f"{L + S - 1}, but the base model allows {max_positions} positions; use at most {max_positions - S} tokens"
             )
-        window = getattr(base_cfg, "sliding_window", None)
-        if window is not None and getattr(base_cfg, "use_sliding_window", True) and L + S > window:
+        window = sliding_window(base_cfg)
+        if window is not None and L + S > window:  # L + S <= window: no visible key is out of the window (window.py)
             raise ValueError(
-                f"sequence of {L} tokens + {S} thought steps exceeds the base model's sliding window ({window}); "
-                "the thought attention paths implement full causal attention only"
+                f"sequence too long for the base model's sliding window: {L} tokens + {S} thought steps (S = N + K + 1) "
+                f"span {L + S} positions, but the window is {window}; use at most {window - S} tokens per sequence or fewer thought/talk tokens"
             )
         vocab = self.get_output_embeddings().out_features
         if thought_ids is not None:
@@ -400,15 +402,16 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         options = getattr(self, "_thinking_options", None) or ThinkingOptions(
             self.config.n_thought_tokens, self.config.thought_temperature
         )
-        return thinking_sample(
-            self, input_ids, logits_processor, stopping_criteria, generation_config, options, streamer=streamer, **model_kwargs
-        )
+        with kv_cache_kept(self.base_lm):  # generate() runs without grad; 5.17 would drop the cache under checkpointing
+            return thinking_sample(
+                self, input_ids, logits_processor, stopping_criteria, generation_config, options, streamer=streamer, **model_kwargs
+            )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The thinking loop builds a DynamicCache for the base model (the wrapper's config has no layers);
         # a cache the caller passes in is used as it is (it must support crop()).
-        if model_kwargs.get("cache") is not None:
-            model_kwargs["cache"]._is_user_defined = True
+        if cache_of(model_kwargs) is not None:
+            cache_of(model_kwargs)._is_user_defined = True
 
     def _beam_search(self, *args, **kwargs):
         raise NotImplementedError("beam search is not supported with thoughts; use greedy search or sampling (num_beams=1)")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .compat import kv_cache_kept, with_cache
 from .layout import ThoughtLayout
+from .window import full_kv_cache
 
 
 def ban_tokens(logits: torch.Tensor, banned_ids) -> torch.Tensor:
@@ -45,24 +47,32 @@ def sample_thoughts(
     """Sample a thought at every position at once: ``[B, L]`` -> thought ids ``[B, L, N]``.
 
     Call s (s = 0..N) appends step s (base tokens, then ``<|startthought|>``, then t_1..t_{N-1}) of
-    all L positions to the KV cache; the logits of call s >= 1 give t_s.
+    all L positions to the KV cache; the logits of call s >= 1 give t_s. The cache keeps every key
+    (a sliding-window layer would drop the flattened layout's keys: quietstar/window.py).
     """
     B, L = input_ids.shape
     layout = ThoughtLayout(L, attention_mask.bool())
-    cache = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, thought_layout=layout
-    ).cache
-    step_tokens = torch.full_like(input_ids, start_thought_id)
-    thoughts = []
-    for step in range(1, n_thought_tokens + 1):
-        hidden = decoder(
-            input_ids=step_tokens,
-            attention_mask=attention_mask.repeat(1, step + 1),
-            position_ids=position_ids + step,
-            cache=cache,
+    cache = full_kv_cache()
+    with kv_cache_kept(decoder):
+        decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
             use_cache=True,
             thought_layout=layout,
-        ).last_hidden_state
-        step_tokens = pick_tokens(lm_head(hidden), temperature, banned_ids, generator)
-        thoughts.append(step_tokens)
+            **with_cache(cache),
+        )
+        step_tokens = torch.full_like(input_ids, start_thought_id)
+        thoughts = []
+        for step in range(1, n_thought_tokens + 1):
+            hidden = decoder(
+                input_ids=step_tokens,
+                attention_mask=attention_mask.repeat(1, step + 1),
+                position_ids=position_ids + step,
+                use_cache=True,
+                thought_layout=layout,
+                **with_cache(cache),
+            ).last_hidden_state
+            step_tokens = pick_tokens(lm_head(hidden), temperature, banned_ids, generator)
+            thoughts.append(step_tokens)
     return torch.stack(thoughts, dim=-1)

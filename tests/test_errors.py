@@ -82,5 +82,6 @@ def test_sliding_window_shorter_than_the_thought_sequence():
     config.sliding_window = 8
     base = AutoModelForCausalLM.from_config(config)
     model = QuietStarForCausalLM.from_base(base, n_thought_tokens=2, n_talk_tokens=2)
-    with pytest.raises(ValueError, match="sliding window"):
+    with pytest.raises(ValueError, match=r"sliding window: 6 tokens \+ 5 thought steps .* span 11 positions, but the window is 8; use at most 3 tokens"):
         model(torch.randint(0, 90, (1, 6)))
+    model(torch.randint(0, 90, (1, 3)))  # L + S == window: positions 0..7 all fit

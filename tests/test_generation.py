@@ -11,6 +11,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar.compat import cache_of
 from quietstar.generation import naive_generate
 from tiny_models import padded_batch, tiny_base
 
@@ -42,7 +43,7 @@ def test_first_token_is_the_forward_argmax_and_greedy_matches_full_recompute(arc
     reference = naive_generate(model, ids, mask, max_new_tokens=20)
     assert torch.equal(gen.sequences, reference)
     assert gen.thought_ids.shape == (3, 20, N)
-    assert gen.cache.get_seq_length() == 9 + 20  # the base cache: prompt + emitted tokens, no thought entries
+    assert cache_of(gen).get_seq_length() == 9 + 20  # the base cache: prompt + emitted tokens, no thought entries
 
 
 def test_thoughts_off_or_shortened():
