@@ -21,8 +21,11 @@ TEXT = "12 + 30 = 42. So 42 - 2 = 40.\nTom had 7 apples and ate 3; 7 - 3 = 4 lef
 def model():
     m = QuietStarForCausalLM.from_base(tiny_base("llama", seed=3), n_thought_tokens=2, n_talk_tokens=2, n_passes=2,
                                        thought_temperature=0.0)
-    with torch.no_grad():  # a non-zero mixing head: thinking must change the prediction
-        m.mixing_head.mlp[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a large non-zero mixing head: thinking must change the prediction clearly
+        g = torch.Generator().manual_seed(1)
+        for layer in m.mixing_head.mlp:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0, 0.5, generator=g)
     return m.eval()
 
 

@@ -104,8 +104,12 @@ def thinking_model(vocab_size, seed=0):
     """
     base = tiny_base("llama", seed=seed, vocab_size=vocab_size, max_position_embeddings=512, initializer_range=0.5)
     model = QuietStarForCausalLM.from_base(base, n_thought_tokens=2, n_talk_tokens=2, n_passes=1, thought_temperature=0.0).eval()
-    with torch.no_grad():
-        model.mixing_head.mlp[-1].weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # the head's hidden layers at a moderate scale (the base's 0.5 init range would blow w up)
+        g = torch.Generator().manual_seed(seed)
+        for layer in model.mixing_head.mlp[:-1]:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0, 0.1, generator=g)
+        model.mixing_head.mlp[-1].weight.normal_(0, 3.0, generator=g)
     return model
 
 
