@@ -32,7 +32,7 @@ def is_available() -> tuple[bool, str]:
 
 
 try:
-    from .thought_attention import thought_attention
+    from .attention import thought_attention
 except ImportError as _err:  # triton missing: keep is_available importable, fail on use
     _import_error = _err
 

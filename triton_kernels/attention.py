@@ -34,7 +34,7 @@ import os
 import torch
 import triton
 
-from ._thought_attention_kernels import (
+from ._attention_kernels import (
     _attn_bwd_dkdv_base,
     _attn_bwd_dkdv_extra,
     _attn_bwd_dq,
@@ -108,7 +108,7 @@ def _elementwise_block(arch: str, head_dim: int) -> tuple[int, int]:
     return (64, 4) if head_dim <= 128 else (32, 4)
 
 
-def _configs(kernel: str, arch: str, head_dim: int) -> list[tuple[int, int, int, int]]:
+def _configs(kernel: str, arch: str, head_dim: int, dtype=None) -> list[tuple[int, int, int, int]]:
     cands = _CONFIGS[(kernel, arch)](head_dim)
     # The diagonal split needs the outer tile to be a whole number of inner tiles.
     if kernel == "dkdv":
@@ -139,6 +139,10 @@ def _launch(kernel: str, arch: str, head_dim: int, grid, args, **constexprs) -> 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())  # type: ignore[return-value]
+
+
+def _dot_precision_name(dt: str) -> str:
+    return "ieee" if dt == "fp32" else "tf32"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
