@@ -69,72 +69,129 @@ def _arch(device: torch.device) -> str:
     return "ampere_small"
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), first entry = the default, the rest = autotune extras.
-# Why these: Hopper (228 KiB shared memory, large register file per SM) and A100 (164 KiB) afford
-# 128-row query tiles with 64-key tiles and 3 pipeline stages of K/V -- the same shape FlashAttention-2
-# settles on; consumer Ampere/Ada (sm86/89: ~99 KiB) must drop to 64-row tiles or 2 stages to fit.
-# D = 256 halves the tiles everywhere (the fp32 accumulator alone is BLOCK_M x 256). The forward and
-# dQ also hold fp32 copies of q (and dO) for the extra-key diagonal, so 8 warps at D >= 128 keep the
-# per-thread register count below spilling. The dK/dV pass is transposed (a program owns BLOCK_N keys
-# and walks BLOCK_M-row query tiles), hence small BLOCK_M and large BLOCK_N there (as in tutorial 06).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs; first entry = the default (used when
+# autotuning is off), the rest = autotune extras.
+#
+# Hopper: the defaults at D = 128 are the configs the autotuner picked at every benchmark shape on an
+# H200 (Triton 3.6, bf16, H 32, L 1024..4096, S 8/16): forward (64, 64, w4, s3), dK/dV (32, 64, w4, s3),
+# dQ (128, 64, w8, s2). Every Hopper candidate at D = 64 and 128 compiles for sm_90 within the
+# register file (no spills beyond the bound that tests/test_triton_compile_sm90.py states) and within
+# 227 KiB of shared memory; every 16-bit dot is a wgmma. Configs that spilled were dropped: 128-key
+# dK/dV tiles (k, v, dk and dv of 128 x D stay resident per program) and the 128 x 128 forward.
+# The dK/dV pass is transposed (a program owns BLOCK_N keys and walks BLOCK_M-row query tiles), hence
+# small BLOCK_M there (as in tutorial 06). Ampere entries are unchanged and unmeasured.
 # The interpreter uses small tiles so that the tests cross several tiles at tiny L.
 _CONFIGS = {
     ("fwd", "interpret"): lambda d: [(32, 16, 4, 1)],
-    ("fwd", "hopper"): lambda d: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)] if d <= 64 else
-    [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)] if d <= 128 else [(64, 64, 8, 2), (64, 32, 4, 2)],
+    ("fwd", "hopper"): lambda d: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)] if d <= 64 else
+    [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 8, 2)],
     ("fwd", "a100"): lambda d: [(128, 64, 4, 3), (64, 64, 4, 3)] if d <= 64 else
     [(128, 64, 8, 2), (64, 64, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 8, 1)],
     ("fwd", "ampere_small"): lambda d: [(128, 64, 4, 2), (64, 64, 4, 2)] if d <= 64 else
     [(64, 64, 4, 2), (128, 32, 8, 2)] if d <= 128 else [(64, 32, 4, 1)],
     ("dkdv", "interpret"): lambda d: [(16, 32, 4, 1)],
-    ("dkdv", "hopper"): lambda d: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)] if d <= 64 else
-    [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)] if d <= 128 else [(16, 64, 8, 2), (32, 64, 8, 1)],
+    ("dkdv", "hopper"): lambda d: [(32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)] if d <= 64 else
+    [(32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)] if d <= 128 else [(16, 64, 8, 2), (32, 64, 8, 1)],
     ("dkdv", "a100"): lambda d: [(32, 128, 4, 3), (32, 64, 4, 3)] if d <= 64 else
     [(32, 128, 8, 2), (32, 64, 4, 2)] if d <= 128 else [(16, 64, 8, 1)],
     ("dkdv", "ampere_small"): lambda d: [(32, 64, 4, 2), (16, 64, 4, 2)] if d <= 128 else [(16, 32, 4, 1)],
     ("dq", "interpret"): lambda d: [(32, 16, 4, 1)],
-    ("dq", "hopper"): lambda d: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)] if d <= 64 else
-    [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)] if d <= 128 else [(64, 32, 8, 2), (32, 32, 4, 2)],
+    ("dq", "hopper"): lambda d: [(128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)] if d <= 64 else
+    [(128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)] if d <= 128 else [(64, 32, 8, 2), (32, 32, 4, 2)],
     ("dq", "a100"): lambda d: [(128, 32, 4, 3), (64, 32, 4, 3)] if d <= 64 else
     [(128, 32, 8, 2), (64, 32, 4, 2)] if d <= 128 else [(64, 32, 8, 1)],
     ("dq", "ampere_small"): lambda d: [(64, 32, 4, 2), (128, 32, 8, 2)] if d <= 128 else [(32, 32, 4, 1)],
 }
 
+# fp32 inputs (a correctness path -- tests, fp32 debugging runs; train in bf16/fp16 for speed): exact
+# "ieee" dots on CUDA cores, one small config per kernel on every GPU and never autotuned. The large
+# 16-bit tiles took 30-80 s per kernel to compile for sm_90 in fp32 and spilled 40-57 KB per thread
+# (the D = 128 forward also needed 229,888 B of shared memory, a hair under Hopper's limit);
+# these tiles keep the fp32 operand tiles small enough to compile in seconds.
+_FP32_CONFIGS = {
+    "fwd": lambda d: [(32, 32, 4, 2)] if d <= 64 else [(32, 16, 4, 2)],
+    "dkdv": lambda d: [(16, 32, 4, 2)] if d <= 64 else [(16, 16, 4, 2)],
+    "dq": lambda d: [(32, 32, 4, 2)] if d <= 64 else [(32, 16, 4, 2)],
+}
+
 
 def _elementwise_block(arch: str, head_dim: int) -> tuple[int, int]:
-    """(rows per program, num_warps) for the memory-bound preprocess and extra-key dK/dV kernels."""
+    """(rows per program, num_warps) for the memory-bound preprocess and extra-key dK/dV kernels:
+    at most 4096 / (32 * warps) elements of each [rows, D] tile per thread, so that the extra-key dK/dV
+    kernel (k, v, q, dO in the input dtype plus fp32 dk, dv) stays within 255 registers."""
     if arch == "interpret":
         return 32, 4
-    return (64, 4) if head_dim <= 128 else (32, 4)
+    return (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
 
 
-def _configs(kernel: str, arch: str, head_dim: int, dtype=None) -> list[tuple[int, int, int, int]]:
-    cands = _CONFIGS[(kernel, arch)](head_dim)
+def _configs(kernel: str, arch: str, head_dim: int, dtype: torch.dtype | None = None) -> list[tuple[int, int, int, int]]:
+    """The launch configs ``kernel`` may use for ``dtype`` inputs on ``arch``; the first is the default."""
+    if dtype == torch.float32 and arch != "interpret":
+        cands = _FP32_CONFIGS[kernel](head_dim)
+    else:
+        cands = _CONFIGS[(kernel, arch)](head_dim)
     # The diagonal split needs the outer tile to be a whole number of inner tiles.
     if kernel == "dkdv":
         return [c for c in cands if c[1] % c[0] == 0]
     return [c for c in cands if c[0] % c[1] == 0]
 
 
+def _bucket(n: int) -> int:
+    """Autotune bucket of a length: its next power of two (1000 and 1024 share one; 1025 does not)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _tune_key(kernel: str, arch: str, head_dim: int, dtype: torch.dtype, L: int, Tq: int, has_pad: bool, group: int):
+    """What an autotuned choice is remembered by. Lengths are bucketed (next power of two of the base
+    length L and of the query rows Tq), so that a training run whose lengths vary re-benchmarks once
+    per bucket, not once per new length."""
+    return (kernel, arch, head_dim, str(dtype), _bucket(L), _bucket(Tq), bool(has_pad), group)
+
+
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv_base, "dq": _attn_bwd_dq}
 _TUNED: dict = {}
 
 
-def _launch(kernel: str, arch: str, head_dim: int, grid, args, **constexprs) -> None:
-    """Launch ``kernel``; ``grid(BLOCK_M, BLOCK_N)`` gives the grid. Autotunes on real GPUs only."""
-    if _AUTOTUNE and arch != "interpret":
-        key = (kernel, arch, head_dim)
-        if key not in _TUNED:
-            configs = [
-                triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m, n, w, s in _configs(kernel, arch, head_dim)
-            ]
-            # Outputs are fully overwritten on every run (no accumulation), so re-running is safe.
-            _TUNED[key] = triton.autotune(configs=configs, key=["L", "Tq", "HAS_PAD", "group"])(_KERNELS[kernel])
-        _TUNED[key][lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
-    else:
-        m, n, w, s = _configs(kernel, arch, head_dim)[0]
+def _autotune(key, cands, run, bench=None):
+    """Time ``run(config)`` for every candidate (outputs are overwritten, so re-running is safe) and
+    remember the fastest under ``key``. A config that fails to compile or launch (out of resources)
+    is skipped; if all fail, the first one's error is raised."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if bench is None:
+        bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)  # noqa: E731 -- milliseconds
+    times, first_error = [], None
+    for cfg in cands:
+        try:
+            times.append(bench(lambda cfg=cfg: run(cfg)))
+        except Exception as err:  # noqa: BLE001 -- e.g. triton OutOfResources for one config
+            first_error = first_error or err
+            times.append(float("inf"))
+    best = min(range(len(cands)), key=times.__getitem__)
+    if times[best] == float("inf"):
+        raise first_error
+    _TUNED[key] = cands[best]
+    if os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":
+        m, n, w, s = cands[best]
+        tried = ", ".join(f"{c}: {t:.3f} ms" for c, t in zip(cands, times))
+        print(f"quietstar autotune {key}: picked BLOCK_M {m}, BLOCK_N {n}, num_warps {w}, num_stages {s} "
+              f"(tried {tried})", flush=True)
+    return cands[best]
+
+
+def _launch(kernel: str, arch: str, head_dim: int, dtype: torch.dtype, grid, args, tune_key, **constexprs) -> None:
+    """Launch ``kernel``; ``grid(BLOCK_M, BLOCK_N)`` gives the grid. Autotunes on real GPUs only, and
+    only where there is more than one candidate (never in fp32)."""
+
+    def run(cfg):
+        m, n, w, s = cfg
         _KERNELS[kernel][grid(m, n)](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+
+    cands = _configs(kernel, arch, head_dim, dtype)
+    if _AUTOTUNE and arch != "interpret" and len(cands) > 1:
+        run(_autotune(tune_key, cands, run))
+    else:
+        run(cands[0])
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -167,8 +224,8 @@ def _forward(q, k, v, pad, base_len: int, scale: float):
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), pad_stride,
         Hq, Hq // Hkv, L, first_q_step, Tq, scale * _LOG2E,
     )
-    _launch("fwd", arch, D, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq), args,
-            HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=_dot_precision(q.dtype))
+    _launch("fwd", arch, D, q.dtype, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq), args,
+            _tune_key("fwd", arch, D, q.dtype, L, Tq, pad is not None, Hq // Hkv), HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=_dot_precision(q.dtype))
     return out, lse
 
 
@@ -193,19 +250,20 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, base_len: int, scale: float)
 
     d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * _LOG2E
+    has_pad = pad is not None
     _launch(
-        "dkdv", arch, D, lambda m, n: (triton.cdiv(L, n), B * Hkv),
+        "dkdv", arch, D, q.dtype, lambda m, n: (triton.cdiv(L, n), B * Hkv),
         (q, k, v, pad_arg, d_out, lse, delta, d_k, d_v,
          *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(d_k), *_strides(d_v), pad_stride,
          Hq, Hkv, group, L, n_q_steps, Tq, qk_scale, scale),
-        HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=precision,
+        _tune_key("dkdv", arch, D, q.dtype, L, Tq, has_pad, group), HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=precision,
     )
     _launch(
-        "dq", arch, D, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq),
+        "dq", arch, D, q.dtype, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq),
         (q, k, v, pad_arg, d_out, lse, delta, d_q,
          *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(d_q), pad_stride,
          Hq, group, L, first_q_step, Tq, qk_scale, scale),
-        HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=precision,
+        _tune_key("dq", arch, D, q.dtype, L, Tq, has_pad, group), HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=precision,
     )
     if n_key_steps > 1:
         _attn_bwd_dkdv_extra[(triton.cdiv(L, rows), n_key_steps - 1, B * Hkv)](
