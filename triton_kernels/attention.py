@@ -72,46 +72,48 @@ def _arch(device: torch.device) -> str:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs; first entry = the default (used when
 # autotuning is off), the rest = autotune extras.
 #
-# Hopper: the defaults at D = 128 are the configs the autotuner picked at every benchmark shape on an
+# Hopper, D = 128: the defaults are the configs the autotuner picked at every benchmark shape on an
 # H200 (Triton 3.6, bf16, H 32, L 1024..4096, S 8/16): forward (64, 64, w4, s3), dK/dV (32, 64, w4, s3),
-# dQ (128, 64, w8, s2). Every Hopper candidate at D = 64 and 128 compiles for sm_90 within the
-# register file (no spills beyond the bound that tests/test_triton_compile_sm90.py states) and within
-# 227 KiB of shared memory; every 16-bit dot is a wgmma. Configs that spilled were dropped: 128-key
-# dK/dV tiles (k, v, dk and dv of 128 x D stay resident per program) and the 128 x 128 forward.
-# The dK/dV pass is transposed (a program owns BLOCK_N keys and walks BLOCK_M-row query tiles), hence
-# small BLOCK_M there (as in tutorial 06). Ampere entries are unchanged and unmeasured.
-# The interpreter uses small tiles so that the tests cross several tiles at tiny L.
+# dQ (128, 64, w8, s2). The extras are the candidates that compile for sm_90 with no register spills
+# (tests/test_triton_compile_sm90.py, which states the small spills the defaults still have). Dropped
+# for spilling: 128-key dK/dV tiles with 4 warps (k, v, dk and dv of 128 x D stay resident), the
+# 128 x 128 forward, and 128 x 32 dQ. D = 64 uses the same shapes (all spill-free there). The dK/dV
+# pass is transposed (a program owns BLOCK_N keys and walks BLOCK_M-row query tiles), hence small
+# BLOCK_M there (as in tutorial 06); wgmma needs 64-row tiles per warpgroup on its M side, so a
+# dK/dV BLOCK_N or a forward/dQ BLOCK_M below 64 falls back to mma.sync (the compile test checks).
+# Ampere entries are unchanged and unmeasured. The interpreter uses small tiles so that the tests
+# cross several tiles at tiny L.
 _CONFIGS = {
     ("fwd", "interpret"): lambda d: [(32, 16, 4, 1)],
-    ("fwd", "hopper"): lambda d: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)] if d <= 64 else
-    [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 8, 2)],
+    ("fwd", "hopper"): lambda d: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2)] if d <= 128 else
+    [(64, 32, 4, 2), (64, 64, 8, 2)],
     ("fwd", "a100"): lambda d: [(128, 64, 4, 3), (64, 64, 4, 3)] if d <= 64 else
     [(128, 64, 8, 2), (64, 64, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 8, 1)],
     ("fwd", "ampere_small"): lambda d: [(128, 64, 4, 2), (64, 64, 4, 2)] if d <= 64 else
     [(64, 64, 4, 2), (128, 32, 8, 2)] if d <= 128 else [(64, 32, 4, 1)],
     ("dkdv", "interpret"): lambda d: [(16, 32, 4, 1)],
     ("dkdv", "hopper"): lambda d: [(32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)] if d <= 64 else
-    [(32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)] if d <= 128 else [(16, 64, 8, 2), (32, 64, 8, 1)],
+    [(32, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2)] if d <= 128 else [(16, 64, 8, 2), (32, 64, 8, 1)],
     ("dkdv", "a100"): lambda d: [(32, 128, 4, 3), (32, 64, 4, 3)] if d <= 64 else
     [(32, 128, 8, 2), (32, 64, 4, 2)] if d <= 128 else [(16, 64, 8, 1)],
     ("dkdv", "ampere_small"): lambda d: [(32, 64, 4, 2), (16, 64, 4, 2)] if d <= 128 else [(16, 32, 4, 1)],
     ("dq", "interpret"): lambda d: [(32, 16, 4, 1)],
     ("dq", "hopper"): lambda d: [(128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)] if d <= 64 else
-    [(128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)] if d <= 128 else [(64, 32, 8, 2), (32, 32, 4, 2)],
+    [(128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3)] if d <= 128 else [(64, 32, 8, 2), (32, 32, 4, 2)],
     ("dq", "a100"): lambda d: [(128, 32, 4, 3), (64, 32, 4, 3)] if d <= 64 else
     [(128, 32, 8, 2), (64, 32, 4, 2)] if d <= 128 else [(64, 32, 8, 1)],
     ("dq", "ampere_small"): lambda d: [(64, 32, 4, 2), (128, 32, 8, 2)] if d <= 128 else [(32, 32, 4, 1)],
 }
 
-# fp32 inputs (a correctness path -- tests, fp32 debugging runs; train in bf16/fp16 for speed): exact
-# "ieee" dots on CUDA cores, one small config per kernel on every GPU and never autotuned. The large
-# 16-bit tiles took 30-80 s per kernel to compile for sm_90 in fp32 and spilled 40-57 KB per thread
-# (the D = 128 forward also needed 229,888 B of shared memory, a hair under Hopper's limit);
-# these tiles keep the fp32 operand tiles small enough to compile in seconds.
+# fp32 inputs are a correctness path (tests, fp32 debugging runs; train in bf16/fp16 or under autocast
+# for speed): exact "ieee" dots on CUDA cores, one small config per kernel on every GPU, never
+# autotuned. With the 16-bit tiles fp32 took 30-80 s per kernel to compile for sm_90 and spilled
+# 40-57 KB per thread (the D = 128 forward also needed 229,888 B of shared memory, a hair under
+# Hopper's limit); these compile in 2-5 s without spilling at D = 64 and 128.
 _FP32_CONFIGS = {
-    "fwd": lambda d: [(32, 32, 4, 2)] if d <= 64 else [(32, 16, 4, 2)],
+    "fwd": lambda d: [(32, 32, 4, 2)] if d <= 64 else [(32, 16, 8, 2)] if d <= 128 else [(16, 16, 4, 2)],
     "dkdv": lambda d: [(16, 32, 4, 2)] if d <= 64 else [(16, 16, 4, 2)],
-    "dq": lambda d: [(32, 32, 4, 2)] if d <= 64 else [(32, 16, 4, 2)],
+    "dq": lambda d: [(32, 32, 4, 2)] if d <= 64 else [(16, 16, 4, 2)],
 }
 
 
