@@ -22,8 +22,20 @@ query steps at the same positions).
 Queries may be the last ``nq`` of the ``nk`` key steps (``nq < nk``: the cached sampling call), by
 the ``first_q_step = nk - nq`` offset: local query step ``t`` is absolute step ``first_q_step + t``.
 
-Matmuls take the input dtype (fp16/bf16 tensor cores, fp32 accumulation; fp32 inputs use exact
-"ieee" dots, not TF32); softmax statistics, the extra-key diagonal and all accumulators are fp32.
+Matmuls take the input dtype (fp16/bf16 tensor cores -- wgmma on Hopper -- with fp32 accumulation);
+softmax statistics, the extra-key diagonal and all accumulators are fp32.
+
+fp32 policy: fp32 inputs are supported for correctness (tests, debugging), not speed. They use exact
+"ieee" dots (FMA, not TF32) with one small tile config per kernel, never autotuned: they compile in a
+few seconds and do not spill (see ``_FP32_CONFIGS``). For speed, run the model in bf16/fp16 or under
+autocast (the attention then computes in the autocast dtype).
+
+Launch configs: per architecture and head dim (``_CONFIGS``), the first entry being the default. On a
+GPU the launcher autotunes among the candidates unless ``QUIETSTAR_TRITON_AUTOTUNE=0``; choices are
+remembered per (kernel, head dim, dtype, padding, GQA group) and per power-of-two bucket of the base
+length and of the query rows, so varying sequence lengths re-benchmark once per bucket.
+``python -m triton_kernels.compile_check`` builds every kernel for sm_90 on a CPU and reports
+registers, spills, shared memory and wgmma use.
 """
 
 from __future__ import annotations
@@ -154,18 +166,21 @@ _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv_base, "dq": _attn_bwd_dq}
 _TUNED: dict = {}
 
 
-def _autotune(key, cands, run, bench=None):
+def _bench(fn) -> float:
+    """Mean milliseconds per call of ``fn`` (Triton's do_bench: the first call, which compiles, is untimed)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def _autotune(key, cands, run):
     """Time ``run(config)`` for every candidate (outputs are overwritten, so re-running is safe) and
     remember the fastest under ``key``. A config that fails to compile or launch (out of resources)
     is skipped; if all fail, the first one's error is raised."""
     if key in _TUNED:
         return _TUNED[key]
-    if bench is None:
-        bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)  # noqa: E731 -- milliseconds
     times, first_error = [], None
     for cfg in cands:
         try:
-            times.append(bench(lambda cfg=cfg: run(cfg)))
+            times.append(_bench(lambda cfg=cfg: run(cfg)))
         except Exception as err:  # noqa: BLE001 -- e.g. triton OutOfResources for one config
             first_error = first_error or err
             times.append(float("inf"))
