@@ -61,7 +61,7 @@ def _fwd_extra_keys(
     """Online-softmax update with the tile's own extra keys: row i sees key (ks, i) for ks in 1..step,
     one [BLOCK_M, D] slab per step reduced elementwise. q, the keys and the values stay in the input
     dtype; each product is formed in fp32."""
-    for ks in range(1, step + 1):
+    for ks in tl.range(1, step + 1, num_stages=2):  # software-pipelined: loads of ks+1 overlap ks
         k_row0 = tl.cast(ks, tl.int64) * L + m0
         ke = tl.load(k_head + k_row0 * stride_kt + arange_m[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                      mask=row_in[:, None], other=0.0)
@@ -303,7 +303,7 @@ def _dq_extra_keys(
 ):
     """dQ from the tile's own extra keys (input-dtype tiles, fp32 products), as a fresh accumulator."""
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for ks in range(1, step + 1):
+    for ks in tl.range(1, step + 1, num_stages=2):  # software-pipelined: loads of ks+1 overlap ks
         k_row0 = tl.cast(ks, tl.int64) * L + m0
         ke = tl.load(k_head + k_row0 * stride_kt + arange_m[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                      mask=row_in[:, None], other=0.0)
@@ -412,7 +412,8 @@ def _attn_bwd_dkdv_extra(
     first_s = tl.maximum(k_step, first_q_step)
     for g in range(group):
         h = hk * group + g
-        for s in range(first_s, n_key_steps):  # q, dO, k and v in the input dtype, products in fp32
+        # Software-pipelined (loads of the next step overlap this one); input-dtype tiles, fp32 products.
+        for s in tl.range(first_s, n_key_steps, num_stages=2):
             q_row0 = (s - first_q_step).to(tl.int64) * L + n0
             q = tl.load(Q + b * stride_qb + h * stride_qh + q_row0 * stride_qt + arange_n[:, None] * stride_qt
                         + offs_d[None, :] * stride_qd, mask=key_in[:, None], other=0.0)
