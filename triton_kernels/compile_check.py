@@ -25,9 +25,6 @@ import sys
 import tempfile
 import time
 
-H100_SHARED_MEMORY = 232448  # bytes of shared memory one CTA may use on sm_90 (227 KiB opt-in)
-
-
 def _signature(fn, ptr_types: dict, constexprs: dict):
     """What a real launch on contiguous [B, T, H, D]-style tensors specialises to."""
     sig, cx, attrs = {}, dict(constexprs), {}
@@ -96,7 +93,7 @@ def compile_one(kernel: str, dt: str, d: int, has_pad: bool, cfg, capability: in
         "dq": (K._attn_bwd_dq, dict(Q=P, K=P, V=P, PAD=pad_t, DOut=P, Lse="*fp32", Delta="*fp32", DQ=P),
                dict(common, BLOCK_M=m, BLOCK_N=n, DOT_PRECISION=prec)),
         "pre": (K._bwd_preprocess, dict(Out=P, DOut=P, DLse="*fp32", Delta="*fp32"),
-                dict(HEAD_DIM=d, BLOCK_M=m, HAS_DLSE=has_pad)),
+                dict(HEAD_DIM=d, BLOCK_M=m, HAS_DLSE=has_pad)),  # no padding input: pad=1 means "with dLSE"
         "xtra": (K._attn_bwd_dkdv_extra, dict(Q=P, K=P, V=P, PAD=pad_t, DOut=P, Lse="*fp32", Delta="*fp32", DK=P, DV=P),
                  dict(common, BLOCK_N=n)),
     }[kernel]
