@@ -89,7 +89,7 @@ def _arch(device: torch.device) -> str:
 # dQ (128, 64, w8, s2). The extras are the candidates that compile for sm_90 with no register spills
 # (tests/test_triton_compile_sm90.py, which states the small spills the defaults still have). Dropped
 # for spilling: 128-key dK/dV tiles with 4 warps (k, v, dk and dv of 128 x D stay resident), the
-# 128 x 128 forward, and 128 x 32 dQ. D = 64 uses the same shapes (all spill-free there). The dK/dV
+# 128 x 128 forward, and 128 x 32 dQ. D <= 64 has the same defaults (every candidate spill-free). The dK/dV
 # pass is transposed (a program owns BLOCK_N keys and walks BLOCK_M-row query tiles), hence small
 # BLOCK_M there (as in tutorial 06); wgmma needs 64-row tiles per warpgroup on its M side, so a
 # dK/dV BLOCK_N or a forward/dQ BLOCK_M below 64 falls back to mma.sync (the compile test checks).
