@@ -139,7 +139,7 @@ def _elementwise_block(arch: str, head_dim: int) -> tuple[int, int]:
     return (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
 
 
-def _configs(kernel: str, arch: str, head_dim: int, dtype: torch.dtype | None = None) -> list[tuple[int, int, int, int]]:
+def _configs(kernel: str, arch: str, head_dim: int, dtype: torch.dtype | None = None) -> list[tuple]:
     """The launch configs ``kernel`` may use for ``dtype`` inputs on ``arch``; the first is the default."""
     if dtype == torch.float32 and arch != "interpret":
         cands = _FP32_CONFIGS[kernel](head_dim)
@@ -242,8 +242,10 @@ def _forward(q, k, v, pad, base_len: int, scale: float):
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), pad_stride,
         Hq, Hq // Hkv, L, first_q_step, Tq, scale * _LOG2E,
     )
+    has_pad = pad is not None
     _launch("fwd", arch, D, q.dtype, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq), args,
-            _tune_key("fwd", arch, D, q.dtype, L, Tq, pad is not None, Hq // Hkv), HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=_dot_precision(q.dtype))
+            _tune_key("fwd", arch, D, q.dtype, L, Tq, has_pad, Hq // Hkv),
+            HEAD_DIM=D, HAS_PAD=has_pad, DOT_PRECISION=_dot_precision(q.dtype))
     return out, lse
 
 
@@ -274,14 +276,16 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, base_len: int, scale: float)
         (q, k, v, pad_arg, d_out, lse, delta, d_k, d_v,
          *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(d_k), *_strides(d_v), pad_stride,
          Hq, Hkv, group, L, n_q_steps, Tq, qk_scale, scale),
-        _tune_key("dkdv", arch, D, q.dtype, L, Tq, has_pad, group), HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=precision,
+        _tune_key("dkdv", arch, D, q.dtype, L, Tq, has_pad, group),
+        HEAD_DIM=D, HAS_PAD=has_pad, DOT_PRECISION=precision,
     )
     _launch(
         "dq", arch, D, q.dtype, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq),
         (q, k, v, pad_arg, d_out, lse, delta, d_q,
          *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(d_q), pad_stride,
          Hq, group, L, first_q_step, Tq, qk_scale, scale),
-        _tune_key("dq", arch, D, q.dtype, L, Tq, has_pad, group), HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=precision,
+        _tune_key("dq", arch, D, q.dtype, L, Tq, has_pad, group),
+        HEAD_DIM=D, HAS_PAD=has_pad, DOT_PRECISION=precision,
     )
     if n_key_steps > 1:
         _attn_bwd_dkdv_extra[(triton.cdiv(L, rows), n_key_steps - 1, B * Hkv)](
