@@ -130,13 +130,15 @@ _FP32_CONFIGS = {
 }
 
 
-def _elementwise_block(arch: str, head_dim: int) -> tuple[int, int]:
+def _elementwise_block(arch: str, head_dim: int, dtype: torch.dtype | None = None) -> tuple[int, int]:
     """(rows per program, num_warps) for the memory-bound preprocess and extra-key dK/dV kernels:
-    at most 4096 / (32 * warps) elements of each [rows, D] tile per thread, so that the extra-key dK/dV
-    kernel (k, v, q, dO in the input dtype plus fp32 dk, dv) stays within 255 registers."""
+    at most 4096 / (32 * warps) elements of each [rows, D] tile per thread (half that in fp32), so that
+    the extra-key dK/dV kernel (k, v, q, dO in the input dtype plus fp32 dk, dv, and the pipelined
+    loads of the next step) stays within 255 registers without spilling."""
     if arch == "interpret":
         return 32, 4
-    return (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
+    rows, warps = (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
+    return (rows // 2 if dtype == torch.float32 else rows), warps
 
 
 def _configs(kernel: str, arch: str, head_dim: int, dtype: torch.dtype | None = None) -> list[tuple]:
@@ -259,7 +261,7 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, base_len: int, scale: float)
     arch = _arch(q.device)
     precision = _dot_precision(q.dtype)
     pad_arg, pad_stride = (pad, pad.stride(0)) if pad is not None else (q, 0)
-    rows, warps = _elementwise_block(arch, D)
+    rows, warps = _elementwise_block(arch, D, q.dtype)
 
     delta = torch.empty_like(lse)
     d_lse_arg = d_lse.float().contiguous() if d_lse is not None else lse

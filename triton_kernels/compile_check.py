@@ -65,7 +65,7 @@ def jobs(dtypes=("bf16", "fp16"), dims=(64, 128), all_configs=False, pads=(True,
                     cands = _configs(kernel, arch, d, torch_dtype[dt])
                     for cfg in cands if all_configs else cands[:1]:
                         out.append((kernel, dt, d, pad, cfg))
-                rows, warps = _elementwise_block(arch, d)
+                rows, warps = _elementwise_block(arch, d, torch_dtype[dt])
                 out.append(("pre", dt, d, pad, (rows, 0, warps, 1)))
                 out.append(("xtra", dt, d, pad, (0, rows, warps, 1)))
     return out
