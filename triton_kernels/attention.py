@@ -7,7 +7,8 @@ Every query row's keys split into two disjoint sets, and the kernels treat them 
 
 * the causal base prefix (``s' == 0``): tiled exactly like causal FlashAttention -- a query tile of
   one step at positions ``[m0, m0 + BLOCK_M)`` walks the base key tiles ``[0, m0 + BLOCK_M)``;
-  tiles strictly below the diagonal need no causal mask, tiles above it are never visited;
+  tiles above the diagonal are never visited, tiles strictly below it need no causal mask (the
+  forward and dQ skip it there; dK/dV masks every tile in one loop, which spills less);
 * the row's own extra keys ``(s', i), 1 <= s' <= s``: a per-row diagonal of at most ``S`` keys, each
   loaded as one ``[BLOCK_M, D]`` slab (row ``i`` takes key row ``s' * L + i``) and reduced with an
   elementwise product -- no ``[BLOCK_M, BLOCK_N]`` tile is spent on the ``S`` useful entries.
@@ -122,7 +123,7 @@ _CONFIGS = {
 # for speed): exact "ieee" dots on CUDA cores, one small config per kernel on every GPU, never
 # autotuned. With the 16-bit tiles fp32 took 30-80 s per kernel to compile for sm_90 and spilled
 # 40-57 KB per thread (the D = 128 forward also needed 229,888 B of shared memory, a hair under
-# Hopper's limit); these compile in 2-5 s without spilling at D = 64 and 128.
+# Hopper's limit); these compile in 1-5 s without spilling at D <= 128.
 _FP32_CONFIGS = {
     "fwd": lambda d: [(32, 32, 4, 2)] if d <= 64 else [(32, 16, 8, 2)] if d <= 128 else [(16, 16, 4, 2)],
     "dkdv": lambda d: [(16, 32, 4, 2)] if d <= 64 else [(16, 16, 4, 2)],
