@@ -8,7 +8,10 @@ stay int32 (``arange(BLOCK) * stride`` is small), which keeps address math cheap
 
 Register pressure (sm_90, checked by tests/test_triton_compile_sm90.py): tiles that feed no dot --
 q and dO in the extra-key loops, the extra keys and values -- stay in the input dtype and are
-upcast where used, so no fp32 copy of a [BLOCK, D] tile lives across a loop."""
+upcast where used; the forward and dQ extra-key loops disable loop-invariant code motion so that
+the compiler does not hoist the fp32 upcast of q and dO back out as live fp32 [BLOCK_M, D] copies.
+The extra-key loops are software-pipelined (``tl.range(num_stages=2)``): Triton has no dot there to
+trigger pipelining by itself, and each step is two [BLOCK, D] loads."""
 
 import triton
 import triton.language as tl
