@@ -66,7 +66,7 @@ def _fwd_extra_keys(
     dtype; each product is formed in fp32."""
     # Software-pipelined (the loads of step ks + 1 overlap step ks). disable_licm keeps the fp32 upcast
     # of q (and dO) inside the loop instead of two hoisted fp32 [BLOCK_M, D] copies (Triton >= 3.9
-    # honours it: dQ's spill at D = 128 falls from 200-232 to 80-152 B; older releases ignore it).
+    # honours it: dQ's spill at D = 128 fell from 200-232 to 80-152 B; older releases ignore it).
     for ks in tl.range(1, step + 1, num_stages=2, disable_licm=True):
         k_row0 = tl.cast(ks, tl.int64) * L + m0
         ke = tl.load(k_head + k_row0 * stride_kt + arange_m[:, None] * stride_kt + offs_d[None, :] * stride_kd,
@@ -311,7 +311,7 @@ def _dq_extra_keys(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # Software-pipelined (the loads of step ks + 1 overlap step ks). disable_licm keeps the fp32 upcast
     # of q (and dO) inside the loop instead of two hoisted fp32 [BLOCK_M, D] copies (Triton >= 3.9
-    # honours it: dQ's spill at D = 128 falls from 200-232 to 80-152 B; older releases ignore it).
+    # honours it: dQ's spill at D = 128 fell from 200-232 to 80-152 B; older releases ignore it).
     for ks in tl.range(1, step + 1, num_stages=2, disable_licm=True):
         k_row0 = tl.cast(ks, tl.int64) * L + m0
         ke = tl.load(k_head + k_row0 * stride_kt + arange_m[:, None] * stride_kt + offs_d[None, :] * stride_kd,
@@ -371,12 +371,11 @@ def _attn_bwd_dq(
                         row_in, row_ok, m0, arange_m, offs_d, step, L, qk_scale, BLOCK_M, HEAD_DIM)
     diag_lo = pid_m * BLOCK_M
     diag_hi = tl.minimum(diag_lo + BLOCK_M, L)
+    # One loop with the causal mask on every tile (as in dK/dV): a second pipelined copy of the loop
+    # body for the diagonal tiles cost 70-150 B more of spills at D = 128.
     dq = _bwd_dq_base_tiles(dq, q, do, lse2, delta, k_head, v_head, pad_row,
                             stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-                            0, diag_lo, L, qk_scale, BLOCK_N, HAS_PAD, False, DOT_PRECISION)
-    dq = _bwd_dq_base_tiles(dq, q, do, lse2, delta, k_head, v_head, pad_row,
-                            stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-                            diag_lo, diag_hi, L, qk_scale, BLOCK_N, HAS_PAD, True, DOT_PRECISION)
+                            0, diag_hi, L, qk_scale, BLOCK_N, HAS_PAD, True, DOT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqt

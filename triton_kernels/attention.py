@@ -8,7 +8,7 @@ Every query row's keys split into two disjoint sets, and the kernels treat them 
 * the causal base prefix (``s' == 0``): tiled exactly like causal FlashAttention -- a query tile of
   one step at positions ``[m0, m0 + BLOCK_M)`` walks the base key tiles ``[0, m0 + BLOCK_M)``;
   tiles above the diagonal are never visited, tiles strictly below it need no causal mask (the
-  forward and dQ skip it there; dK/dV masks every tile in one loop, which spills less);
+  forward skips it there; the backward masks every tile in one loop, which spills less);
 * the row's own extra keys ``(s', i), 1 <= s' <= s``: a per-row diagonal of at most ``S`` keys, each
   loaded as one ``[BLOCK_M, D]`` slab (row ``i`` takes key row ``s' * L + i``) and reduced with an
   elementwise product -- no ``[BLOCK_M, BLOCK_N]`` tile is spent on the ``S`` useful entries.
