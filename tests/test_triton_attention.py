@@ -146,6 +146,87 @@ def test_is_available_reports_a_reason():
     assert isinstance(ok, bool) and isinstance(reason, str) and reason
 
 
+def test_import_gives_the_module_and_the_function():
+    """``triton_kernels.attention`` is the module (not shadowed); ``triton_kernels.thought_attention``
+    the function."""
+    import importlib
+
+    module = importlib.import_module("triton_kernels.attention")
+    assert module.thought_attention is triton_kernels.thought_attention
+    assert callable(triton_kernels.thought_attention) and hasattr(module, "_CONFIGS")
+
+
+def test_hopper_defaults_are_the_measured_winners_and_fp32_gets_one_small_config():
+    from triton_kernels import attention as A
+
+    # What the H200 autotuner picked at every benchmark shape (bf16, D 128, Triton 3.6).
+    assert A._configs("fwd", "hopper", 128, torch.bfloat16)[0] == (64, 64, 4, 3)
+    assert A._configs("dkdv", "hopper", 128, torch.bfloat16)[0] == (32, 64, 4, 3)
+    assert A._configs("dq", "hopper", 128, torch.float16)[0] == (128, 64, 8, 2)
+    for kernel in ("fwd", "dkdv", "dq"):
+        for d in (16, 64, 128, 256):
+            assert len(A._configs(kernel, "hopper", d)) >= 2  # something to autotune among
+            fp32 = A._configs(kernel, "hopper", d, torch.float32)
+            assert len(fp32) == 1 and fp32[0][0] * fp32[0][1] <= 32 * 32, (kernel, d, fp32)
+        assert len(A._configs(kernel, "hopper", 128)) == 3  # benchmarks/gpu_check/sweep_configs.py sweeps 3
+        # The interpreter keeps its small tiles whatever the dtype (the fp32 tests run there).
+        assert A._configs(kernel, "interpret", 64, torch.float32) == A._configs(kernel, "interpret", 64)
+
+
+def test_autotune_keys_are_bucketed_by_power_of_two_lengths():
+    from triton_kernels import attention as A
+
+    assert [A._bucket(n) for n in (1, 2, 3, 1000, 1024, 1025, 4096)] == [1, 2, 4, 1024, 1024, 2048, 4096]
+    key = lambda L, Tq, pad=False: A._tune_key("fwd", "hopper", 128, torch.bfloat16, L, Tq, pad, 1)  # noqa: E731
+    assert key(1000, 17 * 1000) == key(1024, 17 * 1024) == key(1001, 17 * 1001)
+    assert key(1025, 17 * 1025) != key(1024, 17 * 1024)
+    assert key(1024, 1024) != key(1024, 17 * 1024)  # cached sampling (one query step) tunes apart
+    assert key(1024, 1024, pad=True) != key(1024, 1024)
+
+
+def test_launcher_benchmarks_once_per_bucket_skips_failing_configs_and_never_tunes_fp32(monkeypatch):
+    """The GPU launch path with a fake kernel and a fake clock (no GPU here)."""
+    from triton_kernels import attention as A
+
+    launches, timed = [], []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **constexprs):
+                cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)
+                if cfg == (128, 64, 8, 3):
+                    raise RuntimeError("out of resources")  # this one fails to launch
+                launches.append(cfg)
+            return launch
+
+    fake_ms = {(64, 64, 4, 3): 2.0, (128, 64, 8, 2): 1.5}
+
+    def fake_bench(fn):
+        fn()
+        timed.append(launches[-1])
+        return fake_ms[launches[-1]]
+
+    monkeypatch.setattr(A, "_KERNELS", {"fwd": FakeKernel()})
+    monkeypatch.setattr(A, "_bench", fake_bench)
+    monkeypatch.setattr(A, "_AUTOTUNE", True)
+    monkeypatch.setattr(A, "_TUNED", {})
+    grid = lambda m, n: (1, 1, 1)  # noqa: E731
+    for L in (1000, 1024, 1017):  # one bucket: benchmarked once
+        A._launch("fwd", "hopper", 128, torch.bfloat16, grid, (), A._tune_key("fwd", "hopper", 128, torch.bfloat16,
+                  L, 2 * L, False, 1), HEAD_DIM=128)
+    assert timed == [(64, 64, 4, 3), (128, 64, 8, 2)]
+    assert launches[-3:] == [(128, 64, 8, 2)] * 3  # the fastest one that works, every time
+    A._launch("fwd", "hopper", 128, torch.bfloat16, grid, (), A._tune_key("fwd", "hopper", 128, torch.bfloat16,
+              1025, 2050, False, 1), HEAD_DIM=128)
+    assert len(timed) == 4  # a new bucket benchmarks again
+    timed.clear()
+    A._launch("fwd", "hopper", 128, torch.float32, grid, (), None, HEAD_DIM=128)
+    assert timed == [] and launches[-1] == A._FP32_CONFIGS["fwd"](128)[0]
+    monkeypatch.setattr(A, "_AUTOTUNE", False)
+    A._launch("fwd", "hopper", 128, torch.bfloat16, grid, (), None, HEAD_DIM=128)
+    assert timed == [] and launches[-1] == (64, 64, 4, 3)
+
+
 def _load_benchmark():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_gpu.py"
     spec = importlib.util.spec_from_file_location("attention_gpu", path)
@@ -196,3 +277,27 @@ def test_gpu_deterministic():
     second = _run(triton_kernels.thought_attention, q, k, v, mask, d_out, L)
     for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
         assert torch.equal(a, b), "two identical runs differ: a race or nondeterministic reduction"
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_to_the_31_elements():
+    """Rows 2**20 elements apart: every row past 2048 sits more than 2**31 elements from the base pointer,
+    so an int32 ``row * stride`` anywhere (q, k, v, out, dq, dk, dv) wraps. ~14 GB of GPU memory."""
+    B, H, L, nk, D, row_stride = 1, 1, 1152, 2, 64, 2**20
+    T = nk * L  # 2304 rows: the last 256 lie past 2**31
+    g = torch.Generator(device="cuda").manual_seed(13)
+
+    def strided():
+        buf = torch.empty(B, T, H, row_stride, device="cuda", dtype=torch.bfloat16)
+        buf[..., :D] = torch.randn(B, T, H, D, device="cuda", generator=g).to(torch.bfloat16)
+        return buf[..., :D].transpose(1, 2).requires_grad_()  # [B, H, T, D], stride_t = 2**20
+
+    q, k, v = strided(), strided(), strided()
+    assert q.stride(2) * (T - 1) > 2**31
+    d_out = torch.randn(B, H, T, D, device="cuda", generator=g).to(torch.bfloat16)
+    out, lse, grads = _run(triton_kernels.thought_attention, q, k, v, None, d_out, L)
+    dense = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    out_r, lse_r, grads_r = _run(thought_attention_torch, *dense, None, d_out, L)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (out_r, lse_r, *grads_r)):
+        err = (got.float() - want.float()).abs().max().item()
+        assert math.isfinite(err) and err <= 2e-2 * want.float().abs().max().item(), f"{name}: {err}"

@@ -1,7 +1,9 @@
 """Triton kernels for quietstar. Knows nothing of transformers or of the quietstar package.
 
-``thought_attention`` is the fused thought-attention kernel (forward + backward); ``is_available``
-says, without compiling anything, whether it can run in this process.
+``thought_attention`` is the fused thought-attention kernel (forward + backward; the function -- its
+module is ``triton_kernels.attention``); ``is_available`` says, without compiling anything, whether it
+can run in this process. ``python -m triton_kernels.compile_check`` builds the kernels for Hopper on a
+machine without a GPU and reports registers, spills, shared memory and wgmma use.
 
 Triton decides at *decoration* time whether a kernel is compiled or interpreted, so
 ``TRITON_INTERPRET=1`` (CPU runs) must be set before this package is first imported.
@@ -32,7 +34,7 @@ def is_available() -> tuple[bool, str]:
 
 
 try:
-    from .thought_attention import thought_attention
+    from .attention import thought_attention
 except ImportError as _err:  # triton missing: keep is_available importable, fail on use
     _import_error = _err
 

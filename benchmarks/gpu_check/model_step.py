@@ -66,7 +66,7 @@ def compare(tag, model, ids, mask, thoughts, strict):
           f"{median:.1e}, worst {rel[worst]:.1e} ({worst}) -> {'OK' if ok else 'MISMATCH'}", flush=True)
 
 
-tk = __import__("importlib").import_module("triton_kernels.thought_attention")
+tk = __import__("importlib").import_module("triton_kernels.attention")
 autotune = tk._AUTOTUNE
 tk._AUTOTUNE = False  # fp32 "ieee" kernels compile slowly: one config, head dim 16
 model, ids, mask, thoughts = build(torch.float32, 64, 48, thought_temperature=0.0)

@@ -15,7 +15,7 @@ import torch
 import triton_kernels
 from quietstar.ops import thought_attention_torch
 
-T = importlib.import_module("triton_kernels.thought_attention")  # the package attribute is the function
+T = importlib.import_module("triton_kernels.attention")  # the kernel module (launch configs)
 T._AUTOTUNE = False
 original = {name: T._CONFIGS[(name, "hopper")] for name in ("fwd", "dkdv", "dq")}
 bad = 0

@@ -7,7 +7,8 @@ Every query row's keys split into two disjoint sets, and the kernels treat them 
 
 * the causal base prefix (``s' == 0``): tiled exactly like causal FlashAttention -- a query tile of
   one step at positions ``[m0, m0 + BLOCK_M)`` walks the base key tiles ``[0, m0 + BLOCK_M)``;
-  tiles strictly below the diagonal need no causal mask, tiles above it are never visited;
+  tiles above the diagonal are never visited, tiles strictly below it need no causal mask (the
+  forward skips it there; the backward masks every tile in one loop, which spills less);
 * the row's own extra keys ``(s', i), 1 <= s' <= s``: a per-row diagonal of at most ``S`` keys, each
   loaded as one ``[BLOCK_M, D]`` slab (row ``i`` takes key row ``s' * L + i``) and reduced with an
   elementwise product -- no ``[BLOCK_M, BLOCK_N]`` tile is spent on the ``S`` useful entries.
@@ -22,8 +23,20 @@ query steps at the same positions).
 Queries may be the last ``nq`` of the ``nk`` key steps (``nq < nk``: the cached sampling call), by
 the ``first_q_step = nk - nq`` offset: local query step ``t`` is absolute step ``first_q_step + t``.
 
-Matmuls take the input dtype (fp16/bf16 tensor cores, fp32 accumulation; fp32 inputs use exact
-"ieee" dots, not TF32); softmax statistics, the extra-key diagonal and all accumulators are fp32.
+Matmuls take the input dtype (fp16/bf16 tensor cores -- wgmma on Hopper -- with fp32 accumulation);
+softmax statistics, the extra-key diagonal and all accumulators are fp32.
+
+fp32 policy: fp32 inputs are supported for correctness (tests, debugging), not speed. They use exact
+"ieee" dots (FMA, not TF32) with one small tile config per kernel, never autotuned: they compile in a
+few seconds and do not spill (see ``_FP32_CONFIGS``). For speed, run the model in bf16/fp16 or under
+autocast (the attention then computes in the autocast dtype).
+
+Launch configs: per architecture and head dim (``_CONFIGS``), the first entry being the default. On a
+GPU the launcher autotunes among the candidates unless ``QUIETSTAR_TRITON_AUTOTUNE=0``; choices are
+remembered per (kernel, head dim, dtype, padding, GQA group) and per power-of-two bucket of the base
+length and of the query rows, so varying sequence lengths re-benchmark once per bucket.
+``python -m triton_kernels.compile_check`` builds every kernel for sm_90 on a CPU and reports
+registers, spills, shared memory and wgmma use.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import os
 import torch
 import triton
 
-from ._thought_attention_kernels import (
+from ._attention_kernels import (
     _attn_bwd_dkdv_base,
     _attn_bwd_dkdv_extra,
     _attn_bwd_dq,
@@ -69,76 +82,145 @@ def _arch(device: torch.device) -> str:
     return "ampere_small"
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), first entry = the default, the rest = autotune extras.
-# Why these: Hopper (228 KiB shared memory, large register file per SM) and A100 (164 KiB) afford
-# 128-row query tiles with 64-key tiles and 3 pipeline stages of K/V -- the same shape FlashAttention-2
-# settles on; consumer Ampere/Ada (sm86/89: ~99 KiB) must drop to 64-row tiles or 2 stages to fit.
-# D = 256 halves the tiles everywhere (the fp32 accumulator alone is BLOCK_M x 256). The forward and
-# dQ also hold fp32 copies of q (and dO) for the extra-key diagonal, so 8 warps at D >= 128 keep the
-# per-thread register count below spilling. The dK/dV pass is transposed (a program owns BLOCK_N keys
-# and walks BLOCK_M-row query tiles), hence small BLOCK_M and large BLOCK_N there (as in tutorial 06).
-# The interpreter uses small tiles so that the tests cross several tiles at tiny L.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs; first entry = the default (used when
+# autotuning is off), the rest = autotune extras.
+#
+# Hopper, D = 128: the defaults are the configs the autotuner picked at every benchmark shape on an
+# H200 (Triton 3.6, bf16, H 32, L 1024..4096, S 8/16): forward (64, 64, w4, s3), dK/dV (32, 64, w4, s3),
+# dQ (128, 64, w8, s2). The extras are the candidates that compile for sm_90 with no register spills
+# (tests/test_triton_compile_sm90.py, which states the small spills the defaults still have). Dropped
+# for spilling: 128-key dK/dV tiles with 4 warps (k, v, dk and dv of 128 x D stay resident), the
+# 128 x 128 forward, and 128 x 32 dQ. D <= 64 has the same defaults (every candidate spill-free). The dK/dV
+# pass is transposed (a program owns BLOCK_N keys and walks BLOCK_M-row query tiles), hence small
+# BLOCK_M there (as in tutorial 06); wgmma needs 64-row tiles per warpgroup on its M side, so a
+# dK/dV BLOCK_N or a forward/dQ BLOCK_M below 64 falls back to mma.sync (the compile test checks).
+# D = 256 is unchanged and still spills (188-280 B at its defaults; not in the compile test). Ampere
+# entries are unchanged and unmeasured. The interpreter uses small tiles so that the tests
+# cross several tiles at tiny L.
 _CONFIGS = {
     ("fwd", "interpret"): lambda d: [(32, 16, 4, 1)],
-    ("fwd", "hopper"): lambda d: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)] if d <= 64 else
-    [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)] if d <= 128 else [(64, 64, 8, 2), (64, 32, 4, 2)],
+    ("fwd", "hopper"): lambda d: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2)] if d <= 128 else
+    [(64, 64, 8, 2), (64, 32, 4, 2)],
     ("fwd", "a100"): lambda d: [(128, 64, 4, 3), (64, 64, 4, 3)] if d <= 64 else
     [(128, 64, 8, 2), (64, 64, 4, 3)] if d <= 128 else [(64, 32, 4, 2), (64, 64, 8, 1)],
     ("fwd", "ampere_small"): lambda d: [(128, 64, 4, 2), (64, 64, 4, 2)] if d <= 64 else
     [(64, 64, 4, 2), (128, 32, 8, 2)] if d <= 128 else [(64, 32, 4, 1)],
     ("dkdv", "interpret"): lambda d: [(16, 32, 4, 1)],
-    ("dkdv", "hopper"): lambda d: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)] if d <= 64 else
-    [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)] if d <= 128 else [(16, 64, 8, 2), (32, 64, 8, 1)],
+    ("dkdv", "hopper"): lambda d: [(32, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)] if d <= 64 else
+    [(32, 64, 4, 3), (32, 64, 8, 2), (32, 128, 8, 2)] if d <= 128 else [(16, 64, 8, 2), (32, 64, 8, 1)],
     ("dkdv", "a100"): lambda d: [(32, 128, 4, 3), (32, 64, 4, 3)] if d <= 64 else
     [(32, 128, 8, 2), (32, 64, 4, 2)] if d <= 128 else [(16, 64, 8, 1)],
     ("dkdv", "ampere_small"): lambda d: [(32, 64, 4, 2), (16, 64, 4, 2)] if d <= 128 else [(16, 32, 4, 1)],
     ("dq", "interpret"): lambda d: [(32, 16, 4, 1)],
-    ("dq", "hopper"): lambda d: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)] if d <= 64 else
-    [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)] if d <= 128 else [(64, 32, 8, 2), (32, 32, 4, 2)],
+    ("dq", "hopper"): lambda d: [(128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)] if d <= 64 else
+    [(128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3)] if d <= 128 else [(64, 32, 8, 2), (32, 32, 4, 2)],
     ("dq", "a100"): lambda d: [(128, 32, 4, 3), (64, 32, 4, 3)] if d <= 64 else
     [(128, 32, 8, 2), (64, 32, 4, 2)] if d <= 128 else [(64, 32, 8, 1)],
     ("dq", "ampere_small"): lambda d: [(64, 32, 4, 2), (128, 32, 8, 2)] if d <= 128 else [(32, 32, 4, 1)],
 }
 
+# fp32 inputs are a correctness path (tests, fp32 debugging runs; train in bf16/fp16 or under autocast
+# for speed): exact "ieee" dots on CUDA cores, one small config per kernel on every GPU, never
+# autotuned. With the 16-bit tiles fp32 took 30-80 s per kernel to compile for sm_90 and spilled
+# 40-57 KB per thread (the D = 128 forward also needed 229,888 B of shared memory, a hair under
+# Hopper's limit); these compile in 1-5 s without spilling at D <= 128.
+_FP32_CONFIGS = {
+    "fwd": lambda d: [(32, 32, 4, 2)] if d <= 64 else [(32, 16, 8, 2)] if d <= 128 else [(16, 16, 4, 2)],
+    "dkdv": lambda d: [(16, 32, 4, 2)] if d <= 64 else [(16, 16, 4, 2)],
+    "dq": lambda d: [(32, 32, 4, 2)] if d <= 64 else [(16, 16, 4, 2)],
+}
 
-def _elementwise_block(arch: str, head_dim: int) -> tuple[int, int]:
-    """(rows per program, num_warps) for the memory-bound preprocess and extra-key dK/dV kernels."""
+
+def _elementwise_block(arch: str, head_dim: int, dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(rows per program, num_warps) for the memory-bound preprocess and extra-key dK/dV kernels:
+    at most 4096 / (32 * warps) elements of each [rows, D] tile per thread (half that in fp32), so that
+    the extra-key dK/dV kernel (k, v, q, dO in the input dtype plus fp32 dk, dv, and the pipelined
+    loads of the next step) stays within 255 registers without spilling."""
     if arch == "interpret":
         return 32, 4
-    return (64, 4) if head_dim <= 128 else (32, 4)
+    rows, warps = (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
+    return (rows // 2 if dtype == torch.float32 else rows), warps
 
 
-def _configs(kernel: str, arch: str, head_dim: int) -> list[tuple[int, int, int, int]]:
-    cands = _CONFIGS[(kernel, arch)](head_dim)
+def _configs(kernel: str, arch: str, head_dim: int, dtype: torch.dtype | None = None) -> list[tuple]:
+    """The launch configs ``kernel`` may use for ``dtype`` inputs on ``arch``; the first is the default."""
+    if dtype == torch.float32 and arch != "interpret":
+        cands = _FP32_CONFIGS[kernel](head_dim)
+    else:
+        cands = _CONFIGS[(kernel, arch)](head_dim)
     # The diagonal split needs the outer tile to be a whole number of inner tiles.
     if kernel == "dkdv":
         return [c for c in cands if c[1] % c[0] == 0]
     return [c for c in cands if c[0] % c[1] == 0]
 
 
+def _bucket(n: int) -> int:
+    """Autotune bucket of a length: its next power of two (1000 and 1024 share one; 1025 does not)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _tune_key(kernel: str, arch: str, head_dim: int, dtype: torch.dtype, L: int, Tq: int, has_pad: bool, group: int):
+    """What an autotuned choice is remembered by. Lengths are bucketed (next power of two of the base
+    length L and of the query rows Tq), so that a training run whose lengths vary re-benchmarks once
+    per bucket, not once per new length."""
+    return (kernel, arch, head_dim, str(dtype), _bucket(L), _bucket(Tq), bool(has_pad), group)
+
+
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv_base, "dq": _attn_bwd_dq}
 _TUNED: dict = {}
 
 
-def _launch(kernel: str, arch: str, head_dim: int, grid, args, **constexprs) -> None:
-    """Launch ``kernel``; ``grid(BLOCK_M, BLOCK_N)`` gives the grid. Autotunes on real GPUs only."""
-    if _AUTOTUNE and arch != "interpret":
-        key = (kernel, arch, head_dim)
-        if key not in _TUNED:
-            configs = [
-                triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m, n, w, s in _configs(kernel, arch, head_dim)
-            ]
-            # Outputs are fully overwritten on every run (no accumulation), so re-running is safe.
-            _TUNED[key] = triton.autotune(configs=configs, key=["L", "Tq", "HAS_PAD", "group"])(_KERNELS[kernel])
-        _TUNED[key][lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
-    else:
-        m, n, w, s = _configs(kernel, arch, head_dim)[0]
+def _bench(fn) -> float:
+    """Mean milliseconds per call of ``fn`` (Triton's do_bench: the first call, which compiles, is untimed)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def _autotune(key, cands, run):
+    """Time ``run(config)`` for every candidate (outputs are overwritten, so re-running is safe) and
+    remember the fastest under ``key``. A config that fails to compile or launch (out of resources)
+    is skipped; if all fail, the first one's error is raised."""
+    if key in _TUNED:
+        return _TUNED[key]
+    times, first_error = [], None
+    for cfg in cands:
+        try:
+            times.append(_bench(lambda cfg=cfg: run(cfg)))
+        except Exception as err:  # noqa: BLE001 -- e.g. triton OutOfResources for one config
+            first_error = first_error or err
+            times.append(float("inf"))
+    best = min(range(len(cands)), key=times.__getitem__)
+    if times[best] == float("inf"):
+        raise first_error
+    _TUNED[key] = cands[best]
+    if os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":
+        m, n, w, s = cands[best]
+        tried = ", ".join(f"{c}: {t:.3f} ms" for c, t in zip(cands, times))
+        print(f"quietstar autotune {key}: picked BLOCK_M {m}, BLOCK_N {n}, num_warps {w}, num_stages {s} "
+              f"(tried {tried})", flush=True)
+    return cands[best]
+
+
+def _launch(kernel: str, arch: str, head_dim: int, dtype: torch.dtype, grid, args, tune_key, **constexprs) -> None:
+    """Launch ``kernel``; ``grid(BLOCK_M, BLOCK_N)`` gives the grid. Autotunes on real GPUs only, and
+    only where there is more than one candidate (never in fp32)."""
+
+    def run(cfg):
+        m, n, w, s = cfg
         _KERNELS[kernel][grid(m, n)](*args, **constexprs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+
+    cands = _configs(kernel, arch, head_dim, dtype)
+    if _AUTOTUNE and arch != "interpret" and len(cands) > 1:
+        run(_autotune(tune_key, cands, run))
+    else:
+        run(cands[0])
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())  # type: ignore[return-value]
+
+
+def _dot_precision_name(dt: str) -> str:
+    return "ieee" if dt == "fp32" else "tf32"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -163,8 +245,10 @@ def _forward(q, k, v, pad, base_len: int, scale: float):
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), pad_stride,
         Hq, Hq // Hkv, L, first_q_step, Tq, scale * _LOG2E,
     )
-    _launch("fwd", arch, D, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq), args,
-            HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=_dot_precision(q.dtype))
+    has_pad = pad is not None
+    _launch("fwd", arch, D, q.dtype, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq), args,
+            _tune_key("fwd", arch, D, q.dtype, L, Tq, has_pad, Hq // Hkv),
+            HEAD_DIM=D, HAS_PAD=has_pad, DOT_PRECISION=_dot_precision(q.dtype))
     return out, lse
 
 
@@ -178,7 +262,7 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, base_len: int, scale: float)
     arch = _arch(q.device)
     precision = _dot_precision(q.dtype)
     pad_arg, pad_stride = (pad, pad.stride(0)) if pad is not None else (q, 0)
-    rows, warps = _elementwise_block(arch, D)
+    rows, warps = _elementwise_block(arch, D, q.dtype)
 
     delta = torch.empty_like(lse)
     d_lse_arg = d_lse.float().contiguous() if d_lse is not None else lse
@@ -189,19 +273,22 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, base_len: int, scale: float)
 
     d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * _LOG2E
+    has_pad = pad is not None
     _launch(
-        "dkdv", arch, D, lambda m, n: (triton.cdiv(L, n), B * Hkv),
+        "dkdv", arch, D, q.dtype, lambda m, n: (triton.cdiv(L, n), B * Hkv),
         (q, k, v, pad_arg, d_out, lse, delta, d_k, d_v,
          *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(d_k), *_strides(d_v), pad_stride,
          Hq, Hkv, group, L, n_q_steps, Tq, qk_scale, scale),
-        HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=precision,
+        _tune_key("dkdv", arch, D, q.dtype, L, Tq, has_pad, group),
+        HEAD_DIM=D, HAS_PAD=has_pad, DOT_PRECISION=precision,
     )
     _launch(
-        "dq", arch, D, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq),
+        "dq", arch, D, q.dtype, lambda m, n: (triton.cdiv(L, m), n_q_steps, B * Hq),
         (q, k, v, pad_arg, d_out, lse, delta, d_q,
          *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(d_q), pad_stride,
          Hq, group, L, first_q_step, Tq, qk_scale, scale),
-        HEAD_DIM=D, HAS_PAD=pad is not None, DOT_PRECISION=precision,
+        _tune_key("dq", arch, D, q.dtype, L, Tq, has_pad, group),
+        HEAD_DIM=D, HAS_PAD=has_pad, DOT_PRECISION=precision,
     )
     if n_key_steps > 1:
         _attn_bwd_dkdv_extra[(triton.cdiv(L, rows), n_key_steps - 1, B * Hkv)](
