@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> Inspection:
+def run(argv: list[str] | None = None) -> Inspection:
+    """The command's work; returns the report (for scripts and tests)."""
     from .evaluation.cli import load_model
 
     args = build_parser().parse_args(argv)
@@ -263,5 +264,11 @@ def main(argv: list[str] | None = None) -> Inspection:
     return report
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: exit status 0 on success."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,7 @@ import torch
 from char_tokenizer import char_tokenizer
 from quietstar import QuietStarForCausalLM
 from quietstar.evaluation import format_example, load_examples, paper_metric, renormalised_answer_probability, valid_token_ids
-from quietstar.evaluation.cli import main as eval_main
+from quietstar.evaluation.cli import run as eval_main
 from quietstar.evaluation.metric import leading_special_ids, newline_token_id
 from tiny_models import tiny_base
 

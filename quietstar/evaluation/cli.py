@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """The command's work; returns ``{task: {"n", "thinking", "base"}}`` (for scripts and tests)."""
     args = build_parser().parse_args(argv)
     if args.source not in ("sample", "hub") and len(args.tasks) != 1:
         sys.exit("quietstar-eval: a local file holds one task; pass exactly one --tasks")
@@ -93,5 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: exit status 0 on success (the results are printed, not returned)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
