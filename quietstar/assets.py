@@ -72,14 +72,6 @@ def gpt2_tokenizer():
     return tokenizer
 
 
-def english_text(max_chars: int | None = None) -> str:
-    """Real English prose that ships with CPython (the pydoc topic help texts)."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    return text if max_chars is None else text[:max_chars]
-
-
 def bundled_corpus_path() -> Path:
     """The small corpus shipped in the package for the default run."""
     return Path(os.path.dirname(__file__)) / "data" / "tiny_corpus.txt"

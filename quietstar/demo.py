@@ -71,7 +71,8 @@ def main(argv=None) -> None:
         f"(loaded in {time.time() - start:.1f}s)"
     )
     for step in range(args.steps):
-        batch = windows[order[step * args.batch_size : (step + 1) * args.batch_size] % len(windows)]
+        picks = torch.arange(step * args.batch_size, (step + 1) * args.batch_size) % len(windows)  # wrap: never empty
+        batch = windows[order[picks]]
         tic = time.time()
         out = model(batch, labels=batch)
         out.loss.backward()

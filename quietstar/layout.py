@@ -30,7 +30,6 @@ __all__ = [
     "base_position_ids",
     "is_visible",
     "visibility_mask",
-    "split_steps",
 ]
 
 
@@ -122,9 +121,3 @@ def visibility_mask(
     key_is_real = key_padding_mask.bool().repeat(1, n_key_steps)[:, None, :]  # [B, 1, nk*L]
     return is_visible(q_step[None], q_pos[None], k_step[None], k_pos[None], key_is_real)
 
-
-def split_steps(x: torch.Tensor, base_len: int, dim: int) -> torch.Tensor:
-    """View a flattened ``(n*L)`` axis at ``dim`` as ``(n, L)``."""
-    shape = list(x.shape)
-    n = shape[dim] // base_len
-    return x.view(*shape[:dim], n, base_len, *shape[dim + 1 :])

@@ -333,7 +333,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"thought_ids must be token ids in [0, {vocab})")
         return attention_mask
 
-    # ------------------------------------------------------------------ generation (thinking generate(): issue 5)
+    # ------------------------------------------------------------------ generation (thinking generate())
     # generate() is GenerationMixin's own (GenerationConfig, logits processors, stopping criteria,
     # streamers, max_new_tokens); only its greedy/sampling loop ``_sample`` is replaced, by
     # quietstar.generation.thinking_sample, which thinks at the last position before every emitted

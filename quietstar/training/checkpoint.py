@@ -114,7 +114,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(accelerator, output_dir, *, step: int, model, optimizer, scheduler, data_state: dict,
-                    config_yaml: str, extra: dict | None = None, keep: int = 0) -> Path | None:
+                    config_yaml: str, keep: int = 0) -> Path | None:
     """Write the checkpoint of optimiser step ``step`` atomically; every process must call it."""
     root = checkpoint_dir(output_dir)
     name = f"{PREFIX}{step:08d}"
@@ -135,7 +135,7 @@ def save_checkpoint(accelerator, output_dir, *, step: int, model, optimizer, sch
 
     if accelerator.is_main_process:
         state = {"format": FORMAT_VERSION, "step": step, "data": data_state, "world_size": accelerator.num_processes,
-                 "sharded": sharded, "scheduler": scheduler.state_dict(), **(extra or {})}
+                 "sharded": sharded, "scheduler": scheduler.state_dict()}
         if not sharded:
             tensors, state["aliases"] = _dedupe(model_state)
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -22,15 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_dict, validate
 from .data import build_dataset
-
-try:  # yaml is a dependency; kept local to the dump
-    import yaml
-except ImportError:  # pragma: no cover
-    yaml = None
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
