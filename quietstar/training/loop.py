@@ -202,6 +202,8 @@ def train(cfg: RunConfig, on_step=None) -> dict:
                 grad_norm = None
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                # Every micro-batch, as accelerate's accumulate() pattern wants: its prepared optimizer
+                # skips step() and zero_grad() until the accumulation's last micro-batch (sync_gradients).
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             terms_acc.append(out.loss_terms if cfg.thinking else {"loss": out.loss.detach(), "nll_base": out.loss.detach()})
