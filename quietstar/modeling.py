@@ -285,6 +285,22 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ validation
 
+    def check_sequence_length(self, L: int) -> None:
+        """Refuse ``L`` base tokens whose thought steps need positions past the base model's limit or window."""
+        base_cfg, S = self.base_lm.config, self.config.n_extra_steps
+        max_positions = getattr(base_cfg, "max_position_embeddings", None)
+        if max_positions is not None and L + S > max_positions:
+            raise ValueError(
+                f"sequence too long: {L} tokens + {S} thought steps (S = N + K + 1) need position ids up to "
+                f"{L + S - 1}, but the base model allows {max_positions} positions; use at most {max_positions - S} tokens"
+            )
+        window = sliding_window(base_cfg)
+        if window is not None and L + S > window:  # L + S <= window: no visible key is out of the window (window.py)
+            raise ValueError(
+                f"sequence too long for the base model's sliding window: {L} tokens + {S} thought steps (S = N + K + 1) "
+                f"span {L + S} positions, but the window is {window}; use at most {window - S} tokens per sequence or fewer thought/talk tokens"
+            )
+
     def _check_inputs(self, input_ids, attention_mask, labels, thought_ids) -> torch.Tensor:
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -304,20 +320,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}; "
                 "labels are unshifted token ids (the model shifts them), -100 to ignore"
             )
-        base_cfg = self.base_lm.config
-        max_positions = getattr(base_cfg, "max_position_embeddings", None)
-        S = cfg.n_extra_steps
-        if max_positions is not None and L + S > max_positions:
-            raise ValueError(
-                f"sequence too long: {L} tokens + {S} thought steps (S = N + K + 1) need position ids up to "
-                f"{L + S - 1}, but the base model allows {max_positions} positions; use at most {max_positions - S} tokens"
-            )
-        window = sliding_window(base_cfg)
-        if window is not None and L + S > window:  # L + S <= window: no visible key is out of the window (window.py)
-            raise ValueError(
-                f"sequence too long for the base model's sliding window: {L} tokens + {S} thought steps (S = N + K + 1) "
-                f"span {L + S} positions, but the window is {window}; use at most {window - S} tokens per sequence or fewer thought/talk tokens"
-            )
+        self.check_sequence_length(L)
         vocab = self.get_output_embeddings().out_features
         if thought_ids is not None:
             P, N = cfg.n_passes, cfg.n_thought_tokens

@@ -203,3 +203,12 @@ def test_thought_settings_are_validated_by_the_model_config():
     cfg = load_config("train/configs/tiny_test.yaml", ["thought.n_thought_tokens=0"])
     with pytest.raises(ConfigError, match="n_thought_tokens must be >= 1"):
         validate(cfg)
+
+
+def test_sequence_too_long_for_the_model_fails_before_any_data(tmp_path):
+    """The model's own length check (positions + thought steps) at config time, as a ConfigError."""
+    from quietstar.training.loop import train
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "data.seq_len=2047", "logging.progress_bar=false"])
+    with pytest.raises(ConfigError, match=r"data.seq_len 2047: sequence too long.*use at most 2042 tokens"):
+        train(cfg)

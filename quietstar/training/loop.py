@@ -144,11 +144,10 @@ def train(cfg: RunConfig, on_step=None) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical weights on every process (DDP also broadcasts rank 0's)
     model, tokenizer = build_model(cfg.model, cfg.thought, seed=cfg.seed)
-    S = model.config.n_extra_steps
-    max_pos = getattr(model.base_lm.config, "max_position_embeddings", None)
-    if max_pos is not None and cfg.data.seq_len + S > max_pos:
-        raise ConfigError(f"data.seq_len {cfg.data.seq_len} + {S} thought steps exceeds the model's {max_pos} positions; "
-                          f"use data.seq_len <= {max_pos - S}")
+    try:  # before any data is read: the model's own check (positions, sliding window)
+        model.check_sequence_length(cfg.data.seq_len)
+    except ValueError as err:
+        raise ConfigError(f"data.seq_len {cfg.data.seq_len}: {err}") from None
     if not cfg.thinking:  # the control: the same base weights, trained as a plain causal LM
         model = model.base_lm
     data = build_dataset(cfg.data, tokenizer, batch_size=cfg.optim.batch_size, rank=rank, world_size=world, seed=cfg.seed)
