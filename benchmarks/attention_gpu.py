@@ -29,29 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quietstar.layout import is_visible  # noqa: E402
-
-
-def useful_entries(
-    base_len: int,
-    n_key_steps: int,
-    n_query_steps: int | None = None,
-    batch: int = 1,
-    key_padding_mask: torch.Tensor | None = None,
-) -> int:
-    """Number of (query, key) pairs the visibility rule allows, summed over the batch, per head.
-
-    Query ``(s, i)`` sees the real base keys ``j <= i`` and, when ``i`` is real, its ``s`` own extra
-    keys. Without padding: sum over query steps s of ``L(L+1)/2 + s*L``.
-    """
-    L, nk = base_len, n_key_steps
-    nq = nk if n_query_steps is None else n_query_steps
-    steps = range(nk - nq, nk)
-    if key_padding_mask is None:
-        return batch * sum(L * (L + 1) // 2 + s * L for s in steps)
-    real = key_padding_mask.bool().long()  # [B, L]
-    base = int(real.cumsum(-1).sum())  # sum over rows i of #real keys j <= i
-    return nq * base + sum(steps) * int(real.sum())
+from quietstar.layout import is_visible, useful_entries  # noqa: E402
 
 
 def attention_flops(entries: int, heads: int, head_dim: int, backward: bool) -> float:

@@ -30,6 +30,7 @@ __all__ = [
     "base_position_ids",
     "is_visible",
     "visibility_mask",
+    "useful_entries",
 ]
 
 
@@ -121,3 +122,24 @@ def visibility_mask(
     key_is_real = key_padding_mask.bool().repeat(1, n_key_steps)[:, None, :]  # [B, 1, nk*L]
     return is_visible(q_step[None], q_pos[None], k_step[None], k_pos[None], key_is_real)
 
+
+def useful_entries(
+    base_len: int,
+    n_key_steps: int,
+    n_query_steps: int | None = None,
+    batch: int = 1,
+    key_padding_mask: torch.Tensor | None = None,
+) -> int:
+    """Number of (query, key) pairs the visibility rule allows, summed over the batch, per head.
+
+    Query ``(s, i)`` sees the real base keys ``j <= i`` and, when ``i`` is real, its ``s`` own extra
+    keys. Without padding: sum over query steps s of ``L(L+1)/2 + s*L``.
+    """
+    L, nk = base_len, n_key_steps
+    nq = nk if n_query_steps is None else n_query_steps
+    steps = range(nk - nq, nk)
+    if key_padding_mask is None:
+        return batch * sum(L * (L + 1) // 2 + s * L for s in steps)
+    real = key_padding_mask.bool().long()  # [B, L]
+    base = int(real.cumsum(-1).sum())  # sum over rows i of #real keys j <= i
+    return nq * base + sum(steps) * int(real.sum())

@@ -12,15 +12,13 @@ fp16 probabilities fed to the P @ V and dS @ K tensor-core dots are ~5e-4 relati
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import triton_kernels
-from quietstar.layout import visibility_mask
+from quietstar.layout import useful_entries, visibility_mask
 from quietstar.ops import thought_attention_reference, thought_attention_torch
 
 ok, why = triton_kernels.is_available()
@@ -227,17 +225,8 @@ def test_launcher_benchmarks_once_per_bucket_skips_failing_configs_and_never_tun
     assert timed == [] and launches[-1] == (64, 64, 4, 3)
 
 
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_gpu.py"
-    spec = importlib.util.spec_from_file_location("attention_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("L, nk, nq, pad", [(7, 3, 3, False), (11, 5, 2, True), (5, 1, 1, True)])
 def test_benchmark_counts_exactly_the_visible_entries(L, nk, nq, pad):
-    bench = _load_benchmark()
     mask = None
     if pad:
         mask = torch.ones(2, L, dtype=torch.bool)
@@ -245,10 +234,10 @@ def test_benchmark_counts_exactly_the_visible_entries(L, nk, nq, pad):
         mask[1, -1] = False
     dense = visibility_mask(L, nk, mask, first_query_step=nk - nq)
     want = int(dense.sum()) if mask is not None else 2 * int(dense.sum())
-    assert bench.useful_entries(L, nk, nq, batch=2, key_padding_mask=mask) == want
+    assert useful_entries(L, nk, nq, batch=2, key_padding_mask=mask) == want
     # Closed form used for the big benchmark shapes (no padding).
     if mask is None:
-        assert bench.useful_entries(L, nk, nq, batch=2) == want
+        assert useful_entries(L, nk, nq, batch=2) == want
 
 
 # ------------------------------------------------------------------------------------------------
