@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .evaluation.cli import add_thought_arguments, load_model, thought_overrides
 from .evaluation.metric import single_pass
 
 
@@ -234,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--text")
     source.add_argument("--file", help="a UTF-8 text file")
     p.add_argument("--output", default="quietstar_inspection.html", help="HTML report path ('-' for none)")
-    p.add_argument("--thought-temperature", type=float, default=None)
-    p.add_argument("--n-thought-tokens", type=int, default=None)
+    add_thought_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-color", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no terminal view")
@@ -245,12 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> Inspection:
     """The command's work; returns the report (for scripts and tests)."""
-    from .evaluation.cli import load_model
-
     args = build_parser().parse_args(argv)
     text = args.text if args.text is not None else open(args.file, encoding="utf-8").read()
-    kwargs = {k: v for k, v in (("thought_temperature", args.thought_temperature), ("n_thought_tokens", args.n_thought_tokens)) if v is not None}
-    model, tokenizer = load_model(args.model, args.tokenizer, args.device, **kwargs)
+    model, tokenizer = load_model(args.model, args.tokenizer, args.device, **thought_overrides(args))
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     report = inspect_text(model, tokenizer, text, generator=generator, model_name=args.model)
     if not args.quiet:

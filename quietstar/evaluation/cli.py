@@ -47,6 +47,18 @@ def load_model(spec: str, tokenizer_path: str | None = None, device: str = "cpu"
     return model.to(device).eval(), tokenizer
 
 
+def add_thought_arguments(parser: argparse.ArgumentParser) -> None:
+    """The thought settings every evaluation command can override (``quietstar-eval/-inspect/-heldout``)."""
+    parser.add_argument("--thought-temperature", type=float, default=None,
+                        help="thoughts' sampling temperature (default: the model's; 1.0 as in the paper, 0 = greedy)")
+    parser.add_argument("--n-thought-tokens", type=int, default=None, help="thought length N (default: the model's)")
+
+
+def thought_overrides(args: argparse.Namespace) -> dict:
+    """The thought settings given on the command line, as ``load_model`` keyword arguments."""
+    return {name: getattr(args, name) for name in ("thought_temperature", "n_thought_tokens") if getattr(args, name) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quietstar-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="saved QuietStarForCausalLM dir, base model path/hub id, or 'smollm2'")
@@ -57,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help="max tokens per question (prompt cut on the left)")
-    p.add_argument("--thought-temperature", type=float, default=None, help="default: the model's (1.0 as in the paper)")
-    p.add_argument("--n-thought-tokens", type=int, default=None, help="default: the model's")
+    add_thought_arguments(p)
     p.add_argument("--no-base", action="store_true", help="skip the base-model (no thoughts) score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -71,9 +82,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.source not in ("sample", "hub") and len(args.tasks) != 1:
         sys.exit("quietstar-eval: a local file holds one task; pass exactly one --tasks")
-    thought_kwargs = {
-        k: v for k, v in (("thought_temperature", args.thought_temperature), ("n_thought_tokens", args.n_thought_tokens)) if v is not None
-    }
+    thought_kwargs = thought_overrides(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.tokenizer, args.device, **thought_kwargs)
     results = {}

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..losses import IGNORE, talk_targets, token_log_probs
+from .cli import add_thought_arguments, load_model, thought_overrides
 
 __all__ = ["HeldoutReport", "by_decile", "heldout_evaluation", "text_windows", "main"]
 
@@ -247,20 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="thought-sampling seeds, averaged")
     p.add_argument("--max-windows", type=int, default=None, help="first N windows only")
-    p.add_argument("--thought-temperature", type=float, default=None, help="default: the model's")
+    add_thought_arguments(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default=None, help="write the report as JSON here")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import load_model
-
     args = build_parser().parse_args(argv)
     if not Path(args.file).is_file():
         sys.exit(f"quietstar-heldout: --file {args.file!r} does not exist")
-    kwargs = {} if args.thought_temperature is None else {"thought_temperature": args.thought_temperature}
-    model, tokenizer = load_model(args.model, args.tokenizer, args.device, **kwargs)
+    model, tokenizer = load_model(args.model, args.tokenizer, args.device, **thought_overrides(args))
     text = Path(args.file).read_text(encoding="utf-8")
     report = heldout_evaluation(model, tokenizer, text, seq_len=args.seq_len, batch_size=args.batch_size,
                                 seeds=args.seeds, max_windows=args.max_windows, progress=sys.stderr.isatty())
