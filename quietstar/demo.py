@@ -13,6 +13,7 @@ import time
 import torch
 
 from .assets import bundled_corpus_path, load_smollm2
+from .inspection import thought_in_context
 from .modeling import QuietStarForCausalLM
 
 
@@ -42,10 +43,8 @@ def corpus_windows(tokenizer, seq_len: int) -> torch.Tensor:
 def describe_thought(tokenizer, input_ids, thought_ids, rewards, row: int = 0) -> str:
     """The best-rewarded thought of one row, in context: ``...context <thought> next-token``."""
     pos = int(rewards[row].argmax())
-    context = tokenizer.decode(input_ids[row, max(0, pos - 8) : pos + 1])
-    thought = tokenizer.decode(thought_ids[row, pos])
-    following = tokenizer.decode(input_ids[row, pos + 1 : pos + 2])
-    return f"...{context!r} <|startthought|>{thought!r}<|endthought|> -> {following!r} (reward {float(rewards[row, pos]):+.3f})"
+    text = thought_in_context(tokenizer, input_ids, thought_ids, row, pos, before=8, after=1)
+    return f"{text} (reward {float(rewards[row, pos]):+.3f})"
 
 
 def main(argv=None) -> None:

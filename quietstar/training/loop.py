@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..inspection import thought_in_context
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_dict, validate
 from .data import build_dataset
@@ -109,16 +110,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def decode_thoughts(tokenizer, batch_ids, thought_ids, n: int, n_passes: int) -> list[str]:
-    """A few ``context <|startthought|> thought <|endthought|> next`` lines from one batch."""
-    lines = []
-    L = batch_ids.shape[1]
-    for j in range(n):
-        row, pos = j % batch_ids.shape[0], (L * (j + 1)) // (n + 1)
-        context = tokenizer.decode(batch_ids[row, max(0, pos - 12) : pos + 1].tolist())
-        thought = tokenizer.decode(thought_ids[row * n_passes, pos].tolist())
-        upcoming = tokenizer.decode(batch_ids[row, pos + 1 : pos + 4].tolist())
-        lines.append(f"...{context!r} <|startthought|>{thought!r}<|endthought|> -> {upcoming!r}")
-    return lines
+    """A few thoughts of one batch in their text, at evenly spaced positions (first pass of each row)."""
+    L, rows = batch_ids.shape[1], batch_ids.repeat_interleave(n_passes, 0)
+    return [thought_in_context(tokenizer, rows, thought_ids, (j % batch_ids.shape[0]) * n_passes, (L * (j + 1)) // (n + 1))
+            for j in range(n)]
 
 
 def train(cfg: RunConfig, on_step=None) -> dict:
