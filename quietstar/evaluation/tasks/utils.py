@@ -17,17 +17,16 @@ in the last token only (``logits_cache``, on by default), so the six alternative
 same sampled thought, as in the reference's single forward.
 """
 
-import json
 import math
-import os
+
+from quietstar.evaluation.data import format_example, load_examples
 
 LETTERS = ["A", "B", "C", "D", "E"]
 ANSWER_TOKENS = [" " + letter for letter in LETTERS] + ["\n"]
 
 
 def doc_to_text(doc):
-    choices = "\n".join(f"({label}) {text}" for label, text in zip(doc["choices"]["label"], doc["choices"]["text"]))
-    return "Q: " + doc["question"] + "\n" + choices + "\nA:"
+    return format_example("commonsense_qa", doc)[0]  # the prompt quietstar-eval scores
 
 
 def doc_to_target(doc):
@@ -59,7 +58,4 @@ def process_results(doc, results):
 def sample_dataset(**kwargs):
     import datasets
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "data", "commonsense_qa_sample.jsonl")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {"validation": datasets.Dataset.from_list(rows)}
+    return {"validation": datasets.Dataset.from_list(load_examples("commonsense_qa", "sample"))}
