@@ -46,6 +46,22 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
+def thought_rewards(base_logits: torch.Tensor, mixed_logits: torch.Tensor, targets: torch.Tensor):
+    """REINFORCE rewards of the thoughts, ``(rewards [B, L], rewarded [B, L], base_lp [B, L], mixed_lp [B, L, K])``.
+
+    r_i = sum_k [log p_mixed(x_{i+1+k} | thought at i) - log p_base at position i+k (x_{i+1+k})], detached;
+    only positions whose K targets all exist are rewarded (0 elsewhere).
+    """
+    valid = targets != IGNORE  # [B, L, K]
+    K = targets.shape[-1]
+    base_lp = token_log_probs(base_logits, targets[:, :, 0])  # [B, L]: log p_base(x_{i+1})
+    mixed_lp = token_log_probs(mixed_logits, targets)  # [B, L, K]: log p_mixed(x_{i+1+k} | thought at i)
+    rewarded = valid.all(-1)  # [B, L]
+    base_lp_ahead = shift_ahead(base_lp.detach(), K)  # [B, L, K]
+    rewards = ((mixed_lp.detach() - base_lp_ahead) * valid).sum(-1) * rewarded
+    return rewards, rewarded, base_lp, mixed_lp
+
+
 def quietstar_loss(
     *,
     base_logits: torch.Tensor,
@@ -66,17 +82,12 @@ def quietstar_loss(
     """
     valid = targets != IGNORE  # [B, L, K]
     K = targets.shape[-1]
-    base_lp = token_log_probs(base_logits, targets[:, :, 0])  # [B, L]: log p_base(x_{i+1})
-    mixed_lp = token_log_probs(mixed_logits, targets)  # [B, L, K]: log p_mixed(x_{i+1+k} | thought at i)
+    rewards, rewarded, base_lp, mixed_lp = thought_rewards(base_logits, mixed_logits, targets)
 
     nll_base = -_masked_mean(base_lp, valid[:, :, 0])
     nll_talk = -torch.stack([_masked_mean(mixed_lp[:, :, k], valid[:, :, k]) for k in range(K)]).mean()
     lm_loss = base_loss_weight * nll_base + talk_loss_weight * nll_talk
 
-    # r_i = sum_k [log p_mixed(x_{i+1+k}) - log p_base at position i+k (x_{i+1+k})], detached.
-    rewarded = valid.all(-1)  # [B, L]
-    base_lp_ahead = shift_ahead(base_lp.detach(), K)  # [B, L, K]
-    rewards = ((mixed_lp.detach() - base_lp_ahead) * valid).sum(-1) * rewarded
     advantages = rewards
     if n_passes > 1:  # baseline: the mean reward of the P thoughts at the same position
         grouped = rewards.view(-1, n_passes, rewards.shape[-1])

@@ -24,7 +24,7 @@ from .compat import cache_of, kv_cache_kept
 from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConfig
 from .delimiters import ThoughtDelimiterEmbedding
 from .layout import ThoughtLayout, base_position_ids, step_of
-from .losses import quietstar_loss, shift_ahead, talk_targets
+from .losses import quietstar_loss, shift_ahead, talk_targets, thought_rewards
 from .mixing import DEFAULT_INIT_STD, MixingHead
 from .sampling import ban_tokens, sample_thoughts
 from .window import sliding_window
@@ -222,17 +222,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             loss_terms.update(mixing_weight_stats(mixing_weights.detach(), attention_mask))
         else:
             with torch.no_grad():  # rewards of the thoughts against the input's own next tokens
-                _, rewards, _, _ = quietstar_loss(
-                    base_logits=base_logits,
-                    mixed_logits=mixed_logits,
-                    thought_log_probs=base_logits.new_zeros(thought_ids.shape),
-                    targets=targets,
-                    n_passes=P,
-                    base_loss_weight=0.0,
-                    talk_loss_weight=0.0,
-                    policy_loss_weight=0.0,
-                    clip_negative_advantages=False,
-                )
+                rewards = thought_rewards(base_logits, mixed_logits, targets)[0]
 
         return QuietStarOutput(
             loss=loss,
