@@ -12,6 +12,7 @@ DeepSpeed ZeRO-3 through accelerate). Without CUDA it uses ``Accelerator(cpu=Tru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -116,6 +117,93 @@ def decode_thoughts(tokenizer, batch_ids, thought_ids, n: int, n_passes: int) ->
             for j in range(n)]
 
 
+@dataclasses.dataclass
+class StepResult:
+    """What one optimiser step leaves for logging: per-micro-batch loss terms (0-d tensors, no host sync)."""
+
+    terms: list[dict]
+    sample_ids: list
+    n_tokens: int  # real (unpadded) base tokens of this process
+    grad_norm: torch.Tensor | None
+    input_ids: torch.Tensor  # the last micro-batch, for thought dumps
+    output: object  # its model output
+
+
+def train_step(model, data, accelerator, optimizer, cfg: RunConfig) -> StepResult:
+    """One optimiser step: ``grad_accum`` x (batch -> forward with labels -> backward), clip, AdamW.
+
+    Quiet-STaR: the loss is the model's (0.5 NLL_base + 0.5 NLL_talk + w_policy REINFORCE); the
+    control (``cfg.thinking`` false, the model is the plain base LM): the causal-LM loss."""
+    terms, sample_ids, n_tokens, grad_norm = [], [], 0, None
+    for _ in range(cfg.optim.grad_accum):
+        batch = data.next_batch()
+        sample_ids.append(batch["sample_ids"])
+        input_ids = batch["input_ids"].to(accelerator.device)
+        mask = batch["attention_mask"].to(accelerator.device)
+        n_tokens += int(batch["attention_mask"].sum())
+        with accelerator.accumulate(model):
+            out = model(input_ids, attention_mask=mask, labels=input_ids)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            # Every micro-batch, as accelerate's accumulate() pattern wants: its prepared optimizer
+            # skips step() and zero_grad() until the accumulation's last micro-batch (sync_gradients).
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        terms.append(out.loss_terms if cfg.thinking else {"loss": out.loss.detach(), "nll_base": out.loss.detach()})
+    return StepResult(terms, sample_ids, n_tokens, grad_norm, input_ids, out)
+
+
+def reduce_metrics(accelerator, result: StepResult, lr: float, elapsed: float) -> dict:
+    """Loss terms averaged over micro-batches and processes, grad norm, lr, throughput: one host sync."""
+    names = sorted(result.terms[0])
+    local = torch.stack([torch.stack([t[n].float() for n in names]) for t in result.terms]).mean(0)
+    grad_norm = result.grad_norm if result.grad_norm is not None else torch.zeros((), device=local.device)
+    extra = torch.stack([grad_norm.float().to(local.device), torch.tensor(float(result.n_tokens), device=local.device)])
+    values = accelerator.reduce(torch.cat([local, extra]), "mean").tolist()
+    metrics = dict(zip(names, values[: len(names)]))
+    metrics.update(grad_norm=values[len(names)], lr=lr, tokens_per_s=values[len(names) + 1] * accelerator.num_processes / elapsed,
+                   step_time_s=elapsed, peak_memory_mb=peak_memory_mb(accelerator.device))
+    return metrics
+
+
+CONSOLE_TERMS = ("loss", "nll_base", "nll_talk", "policy_loss", "reward_mean", "advantage_mean", "mixing_weight_mean",
+                 "grad_norm", "lr", "tokens_per_s", "peak_memory_mb")
+
+
+def print_step(bar, step: int, total: int, metrics: dict, main_process: bool) -> None:
+    """Progress-bar summary and one console line per logged step (every term goes to the trackers)."""
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", base=f"{metrics['nll_base']:.3f}",
+                    talk=f"{metrics.get('nll_talk', float('nan')):.3f}", tok_s=f"{metrics['tokens_per_s']:.3g}")
+    if main_process:
+        bar.write(f"step {step}/{total} " + " ".join(f"{k} {metrics[k]:.4g}" for k in CONSOLE_TERMS if k in metrics))
+
+
+def dump_thoughts(accelerator, bar, tokenizer, result: StepResult, step: int, out_dir: Path, n: int, n_passes: int) -> None:
+    """A few decoded thoughts of the last micro-batch: console, output_dir/thoughts.txt, tensorboard."""
+    lines = decode_thoughts(tokenizer, result.input_ids.cpu(), result.output.thought_ids.cpu(), n, n_passes)
+    text = f"step {step}\n" + "\n".join(lines)
+    bar.write(text)
+    with open(out_dir / "thoughts.txt", "a", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+    with contextlib.suppress(Exception):  # a tracker without text support just skips it
+        accelerator.get_tracker("tensorboard", unwrap=True).add_text("thoughts", "\n\n".join(lines), step)
+
+
+def export_model(accelerator, model, tokenizer, out_dir: Path, config_yaml: str, bar) -> Path:
+    """``save_pretrained`` the FULL model (gathered under FSDP / ZeRO-3) into ``output_dir/final``."""
+    export_dir = out_dir / "final"
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(export_dir)
+        (export_dir / "quietstar_train.yaml").write_text(config_yaml, encoding="utf-8")
+        bar.write(f"exported {export_dir} (rank {accelerator.process_index})")
+        sys.stdout.flush()
+    return export_dir
+
+
 def train(cfg: RunConfig, on_step=None) -> dict:
     """Run (or resume) the training described by ``cfg``; returns a small summary (main process).
 
@@ -178,71 +266,32 @@ def train(cfg: RunConfig, on_step=None) -> dict:
 
     bar = tqdm(total=cfg.optim.steps, initial=step, disable=not (accelerator.is_main_process and cfg.logging.progress_bar),
                dynamic_ncols=True, desc=cfg.name)
-    P = unwrapped.config.n_passes if cfg.thinking else 1
     history = []
     model.train()
     while step < cfg.optim.steps:
         t0 = time.perf_counter()
-        terms_acc, sample_ids, n_tokens = [], [], 0
-        for _ in range(cfg.optim.grad_accum):
-            batch = data.next_batch()
-            sample_ids.append(batch["sample_ids"])
-            input_ids = batch["input_ids"].to(accelerator.device)
-            mask = batch["attention_mask"].to(accelerator.device)
-            n_tokens += int(batch["attention_mask"].sum())
-            with accelerator.accumulate(model):
-                out = model(input_ids, attention_mask=mask, labels=input_ids)
-                accelerator.backward(out.loss)
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                # Every micro-batch, as accelerate's accumulate() pattern wants: its prepared optimizer
-                # skips step() and zero_grad() until the accumulation's last micro-batch (sync_gradients).
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            terms_acc.append(out.loss_terms if cfg.thinking else {"loss": out.loss.detach(), "nll_base": out.loss.detach()})
+        result = train_step(model, data, accelerator, optimizer, cfg)
         scheduler.step()
         step += 1
-        lr = scheduler.get_last_lr()[0]
 
         log_now = step % cfg.logging.every == 0 or step == cfg.optim.steps
+        metrics = None
         if log_now or trace is not None:
-            names = sorted(terms_acc[0])
-            local = torch.stack([torch.stack([t[n].float() for n in names]) for t in terms_acc]).mean(0)
-            extra = [grad_norm if grad_norm is not None else torch.zeros((), device=local.device), torch.tensor(float(n_tokens))]
-            vec = accelerator.reduce(torch.cat([local, torch.stack([e.float().to(local.device) for e in extra])]), "mean")
-            values = vec.tolist()  # the one host sync of a logged step
-            metrics = dict(zip(names, values[: len(names)]))
-            elapsed = time.perf_counter() - t0
-            metrics.update(grad_norm=values[len(names)], lr=lr, tokens_per_s=values[len(names) + 1] * world / elapsed,
-                           step_time_s=elapsed, peak_memory_mb=peak_memory_mb(accelerator.device))
+            metrics = reduce_metrics(accelerator, result, lr=scheduler.get_last_lr()[0], elapsed=time.perf_counter() - t0)
             history.append({"step": step, **metrics})
             if log_now:
                 accelerator.log(metrics, step=step)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", base=f"{metrics['nll_base']:.3f}",
-                                talk=f"{metrics.get('nll_talk', float('nan')):.3f}", tok_s=f"{metrics['tokens_per_s']:.3g}")
-                if accelerator.is_main_process:  # every term goes to the trackers; the main ones to the console
-                    bar.write(f"step {step}/{cfg.optim.steps} " + " ".join(
-                        f"{k} {metrics[k]:.4g}" for k in ("loss", "nll_base", "nll_talk", "policy_loss", "reward_mean",
-                                                          "advantage_mean", "mixing_weight_mean", "grad_norm", "lr",
-                                                          "tokens_per_s", "peak_memory_mb") if k in metrics))
+                print_step(bar, step, cfg.optim.steps, metrics, accelerator.is_main_process)
             if trace is not None:
-                trace.write(json.dumps({"step": step, "rank": rank, "sample_ids": sample_ids, "loss": float(terms_acc[-1]["loss"]),
-                                        "param_hash": param_hash(unwrapped), "metrics": metrics}) + "\n")
+                trace.write(json.dumps({"step": step, "rank": rank, "sample_ids": result.sample_ids,
+                                        "loss": float(result.terms[-1]["loss"]), "param_hash": param_hash(unwrapped),
+                                        "metrics": metrics}) + "\n")
                 trace.flush()
         bar.update(1)
         if on_step is not None and accelerator.is_main_process:
             on_step(step, unwrapped, metrics if log_now else None)
-
         if cfg.thinking and cfg.logging.thoughts_every and step % cfg.logging.thoughts_every == 0 and accelerator.is_main_process:
-            lines = decode_thoughts(tokenizer, input_ids.cpu(), out.thought_ids.cpu(), cfg.logging.n_thoughts, P)
-            text = f"step {step}\n" + "\n".join(lines)
-            bar.write(text)
-            with open(out_dir / "thoughts.txt", "a", encoding="utf-8") as handle:
-                handle.write(text + "\n")
-            with contextlib.suppress(Exception):  # a tracker without text support just skips it
-                accelerator.get_tracker("tensorboard", unwrap=True).add_text("thoughts", "\n\n".join(lines), step)
-
+            dump_thoughts(accelerator, bar, tokenizer, result, step, out_dir, cfg.logging.n_thoughts, unwrapped.config.n_passes)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save_checkpoint(accelerator, out_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
                             data_state=data.state_dict(), config_yaml=config_yaml, keep=cfg.checkpoint.keep)
@@ -250,17 +299,7 @@ def train(cfg: RunConfig, on_step=None) -> dict:
     if trace is not None:
         trace.close()
 
-    export_dir = None
-    if cfg.checkpoint.export:
-        export_dir = out_dir / "final"
-        accelerator.wait_for_everyone()
-        state_dict = accelerator.get_state_dict(model)  # FULL state dict (gathered under FSDP / ZeRO-3)
-        if accelerator.is_main_process:
-            unwrapped.save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(export_dir)
-            (export_dir / "quietstar_train.yaml").write_text(config_yaml, encoding="utf-8")
-            bar.write(f"exported {export_dir} (rank {rank})")
-            sys.stdout.flush()
+    export_dir = export_model(accelerator, model, tokenizer, out_dir, config_yaml, bar) if cfg.checkpoint.export else None
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": step, "history": history, "export_dir": str(export_dir) if export_dir else None}
