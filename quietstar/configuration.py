@@ -1,6 +1,6 @@
 """``QuietStarConfig``: a nested base-model config plus every thought hyper-parameter.
 
-Defaults are the reference training recipe (ALGORITHM.md): N = 9 thought tokens (``n_ahead`` 12),
+Defaults are the reference training recipe (docs/ALGORITHM.md): N = 9 thought tokens (``n_ahead`` 12),
 K = 4 talk tokens, P = 2 passes, REINFORCE temperature 3, 100x delimiter learning-rate trick.
 """
 

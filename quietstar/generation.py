@@ -1,6 +1,6 @@
 """Thinking at inference: one thought for the last position only, on top of the cached base prefix.
 
-ALGORITHM.md, "Inference": to emit a token, take the base hidden state of the last token, feed
+docs/ALGORITHM.md, "Inference": to emit a token, take the base hidden state of the last token, feed
 ``<|startthought|>, t_1..t_N, <|endthought|>`` as single-token steps on top of the base KV cache
 (thoughts sampled exactly as in training, :func:`quietstar.sampling.pick_tokens`), mix the base and
 post-thought predictions with the mixing head, then crop the thought's N + 2 entries off the cache.

@@ -1,7 +1,7 @@
 """``quietstar-inspect``: what the model thought at every position of a text, and whether it helped.
 
 For each position i of the text: the token x_i, the thought sampled there, the mixing weight w
-(k = 0), the reward r_i (ALGORITHM.md: log-prob gain of the next K tokens from thinking) and the
+(k = 0), the reward r_i (docs/ALGORITHM.md: log-prob gain of the next K tokens from thinking) and the
 base loss -log p_base(x_{i+1}). Written as one self-contained HTML file (tokens coloured by reward,
 green where thinking helped, red where it hurt; hover a token for its thought; a full table; an
 inline SVG plot of reward against base loss) and as a coloured terminal view.

@@ -119,7 +119,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             **thought_kwargs,
         )
         model = cls(config, base_lm=base)
-        with torch.no_grad():  # delimiters start as the embedding of "---" (ALGORITHM.md)
+        with torch.no_grad():  # delimiters start as the embedding of "---" (docs/ALGORITHM.md)
             init = embedding.weight[torch.tensor(init_ids, device=embedding.weight.device)].mean(0)
             model.delimiter_embedding.init_delimiters(init)
         return model

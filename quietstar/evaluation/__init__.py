@@ -1,6 +1,6 @@
 """Evaluation: the paper's teacher-forced metric (``quietstar-eval``) and lm-evaluation-harness glue.
 
-See ALGORITHM.md, "Evaluation", and ``metric.py``: the text ``"Q: {question}\\nA:" + " {answer}\\n"``
+See docs/ALGORITHM.md, "Evaluation", and ``metric.py``: the text ``"Q: {question}\\nA:" + " {answer}\\n"``
 (with the tokenizer's own BOS) is scored with thoughts, as the product over answer tokens of the gold
 token's probability renormalised over the digits (GSM8K) or the letters A-E (CommonsenseQA) plus the
 newline token that ends the answer (itself scored), averaged over questions.

@@ -37,7 +37,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
 
-# One place for the thought defaults: the model config's fields (the reference recipe, ALGORITHM.md).
+# One place for the thought defaults: the model config's fields (the reference recipe, docs/ALGORITHM.md).
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuietStarConfig)}
 
 
