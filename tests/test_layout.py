@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from quietstar.layout import ThoughtLayout, base_position_ids, n_extra_steps, step_of, visibility_mask
+from quietstar.layout import ThoughtLayout, base_position_ids, n_extra_steps, step_of, useful_entries, visibility_mask
 
 
 def test_extra_steps_count_and_step_indices():
@@ -38,3 +38,26 @@ def test_layout_rejects_partial_steps():
     with pytest.raises(ValueError, match="whole steps"):
         ThoughtLayout(5).steps(7, 10)
     assert ThoughtLayout(5).steps(5, 15) == (2, 3)
+
+
+@pytest.mark.parametrize("L, nk, nq, pad", [(7, 3, 3, False), (11, 5, 2, True), (5, 1, 1, True)])
+def test_useful_entries_count_exactly_the_visible_entries(L, nk, nq, pad):
+    mask = None
+    if pad:
+        mask = torch.ones(2, L, dtype=torch.bool)
+        mask[0, :2] = False
+        mask[1, -1] = False
+    dense = visibility_mask(L, nk, mask, first_query_step=nk - nq)
+    want = int(dense.sum()) if mask is not None else 2 * int(dense.sum())
+    assert useful_entries(L, nk, nq, batch=2, key_padding_mask=mask) == want
+    # Closed form used for the big benchmark shapes (no padding).
+    if mask is None:
+        assert useful_entries(L, nk, nq, batch=2) == want
+
+
+def test_triton_is_available_reports_a_reason():
+    """Needs no Triton: the answer is a reason either way (and never imports the kernels)."""
+    import triton_kernels
+
+    ok, reason = triton_kernels.is_available()
+    assert isinstance(ok, bool) and isinstance(reason, str) and reason

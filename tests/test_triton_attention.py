@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import triton_kernels
-from quietstar.layout import useful_entries, visibility_mask
 from quietstar.ops import thought_attention_reference, thought_attention_torch
 
 ok, why = triton_kernels.is_available()
@@ -139,11 +138,6 @@ def test_rejects_bad_inputs_with_a_clear_message():
         triton_kernels.thought_attention(q, q, q, base_len=13, key_padding_mask=torch.ones(1, 12, dtype=torch.bool))
 
 
-def test_is_available_reports_a_reason():
-    ok, reason = triton_kernels.is_available()
-    assert isinstance(ok, bool) and isinstance(reason, str) and reason
-
-
 def test_import_gives_the_module_and_the_function():
     """``triton_kernels.attention`` is the module (not shadowed); ``triton_kernels.thought_attention``
     the function."""
@@ -223,21 +217,6 @@ def test_launcher_benchmarks_once_per_bucket_skips_failing_configs_and_never_tun
     monkeypatch.setattr(A, "_AUTOTUNE", False)
     A._launch("fwd", "hopper", 128, torch.bfloat16, grid, (), None, HEAD_DIM=128)
     assert timed == [] and launches[-1] == (64, 64, 4, 3)
-
-
-@pytest.mark.parametrize("L, nk, nq, pad", [(7, 3, 3, False), (11, 5, 2, True), (5, 1, 1, True)])
-def test_benchmark_counts_exactly_the_visible_entries(L, nk, nq, pad):
-    mask = None
-    if pad:
-        mask = torch.ones(2, L, dtype=torch.bool)
-        mask[0, :2] = False
-        mask[1, -1] = False
-    dense = visibility_mask(L, nk, mask, first_query_step=nk - nq)
-    want = int(dense.sum()) if mask is not None else 2 * int(dense.sum())
-    assert useful_entries(L, nk, nq, batch=2, key_padding_mask=mask) == want
-    # Closed form used for the big benchmark shapes (no padding).
-    if mask is None:
-        assert useful_entries(L, nk, nq, batch=2) == want
 
 
 # ------------------------------------------------------------------------------------------------
