@@ -24,7 +24,7 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .attention import THOUGHT_ATTENTION_NAMES
-from .compat import cache_of, with_cache
+from .compat import cache_of, kv_cache_kept, with_cache
 from .layout import base_position_ids
 from .sampling import ban_tokens, pick_tokens
 from .window import full_kv_cache, sliding_window
@@ -250,6 +250,93 @@ def thinking_sample(
         **with_cache(state.cache if generation_config.use_cache is not False else None),
         **extra,
     )
+
+
+
+class ThinkingGenerationMixin:
+    """``generate()`` for ``QuietStarForCausalLM`` (listed before ``GenerationMixin`` in its bases).
+
+    ``generate()`` is GenerationMixin's own (GenerationConfig, logits processors, stopping criteria,
+    streamers, max_new_tokens); only its greedy/sampling loop ``_sample`` is replaced, by
+    :func:`thinking_sample`, which thinks at the last position before every emitted token on top of
+    the cached base prefix. The training forward (thoughts at all positions) is never called by
+    generate(). Beam search and assisted decoding are refused.
+    """
+
+    def generate(
+        self,
+        *args,
+        return_thoughts: bool = False,
+        thought_temperature: float | None = None,
+        n_thought_tokens: int | None = None,
+        think: bool = True,
+        thought_generator: torch.Generator | None = None,
+        generation_attn_implementation: str | None = "sdpa",
+        **kwargs,
+    ):
+        """``GenerationMixin.generate`` that thinks before every emitted token (greedy or sampling).
+
+        Thinking options (all optional): ``thought_temperature`` (default: the config's; 0 = greedy
+        thoughts, independent of ``temperature`` for emitted tokens), ``n_thought_tokens`` (shorten
+        or lengthen thoughts at inference; 0 or ``think=False`` = the base model),
+        ``return_thoughts=True`` (returns a ``ThinkingGenerateOutput`` with ``thought_ids``
+        ``[B, new, N]`` and ``mixing_weights`` ``[B, new]``), ``thought_generator`` (a
+        ``torch.Generator`` for thought sampling). ``generation_attn_implementation`` is the attention
+        the base model uses while generating (default ``sdpa``; ``flash_attention_2`` where
+        installed; None keeps the current ``quietstar_*`` path): one position thinks at a time, so
+        plain causal attention over the cache is exact.
+        """
+        cfg = self.config
+        n = cfg.n_thought_tokens if n_thought_tokens is None else int(n_thought_tokens)
+        temperature = cfg.thought_temperature if thought_temperature is None else float(thought_temperature)
+        if n < 0:
+            raise ValueError(f"n_thought_tokens must be >= 0 (0 = no thinking), got {n}")
+        if temperature < 0:
+            raise ValueError(f"thought_temperature must be >= 0 (0 = greedy thoughts), got {temperature}")
+        options = ThinkingOptions(
+            n_thought_tokens=n if think else 0,
+            thought_temperature=temperature,
+            return_thoughts=return_thoughts,
+            generator=thought_generator,
+        )
+        if return_thoughts:
+            kwargs["return_dict_in_generate"] = True
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the wrapper speaks the base model's tokens
+            if getattr(self.generation_config, name, None) is None:
+                setattr(self.generation_config, name, getattr(self.base_lm.generation_config, name, None))
+
+        previous_attn = self.base_lm.config._attn_implementation
+        switch = generation_attn_implementation is not None and generation_attn_implementation != previous_attn
+        if switch:
+            self.base_lm.set_attn_implementation(generation_attn_implementation)
+        self._thinking_options = options
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._thinking_options = None
+            if switch:
+                self.base_lm.set_attn_implementation(previous_attn)
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None, **model_kwargs):
+        options = getattr(self, "_thinking_options", None) or ThinkingOptions(
+            self.config.n_thought_tokens, self.config.thought_temperature
+        )
+        with kv_cache_kept(self.base_lm):  # generate() runs without grad; 5.17 would drop the cache under checkpointing
+            return thinking_sample(
+                self, input_ids, logits_processor, stopping_criteria, generation_config, options, streamer=streamer, **model_kwargs
+            )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # The thinking loop builds a DynamicCache for the base model (the wrapper's config has no layers);
+        # a cache the caller passes in is used as it is (it must support crop()).
+        if cache_of(model_kwargs) is not None:
+            cache_of(model_kwargs)._is_user_defined = True
+
+    def _beam_search(self, *args, **kwargs):
+        raise NotImplementedError("beam search is not supported with thoughts; use greedy search or sampling (num_beams=1)")
+
+    def _assisted_decoding(self, *args, **kwargs):
+        raise NotImplementedError("assisted decoding is not supported with thoughts; generate without an assistant model")
 
 
 def _check_window(base_config, max_length: int, n_thought_tokens: int) -> None:
