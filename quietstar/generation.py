@@ -253,6 +253,9 @@ def thinking_sample(
 
 
 
+THINKING_OPTIONS_KWARG = "thinking_options"  # generate() -> _sample, through GenerationMixin's model kwargs
+
+
 class ThinkingGenerationMixin:
     """``generate()`` for ``QuietStarForCausalLM`` (listed before ``GenerationMixin`` in its bases).
 
@@ -309,16 +312,18 @@ class ThinkingGenerationMixin:
         switch = generation_attn_implementation is not None and generation_attn_implementation != previous_attn
         if switch:
             self.base_lm.set_attn_implementation(generation_attn_implementation)
-        self._thinking_options = options
-        try:
-            return super().generate(*args, **kwargs)
+        try:  # the options travel with this call, through generate()'s model kwargs, to _sample
+            return super().generate(*args, **kwargs, **{THINKING_OPTIONS_KWARG: options})
         finally:
-            self._thinking_options = None
             if switch:
                 self.base_lm.set_attn_implementation(previous_attn)
 
+    def _validate_model_kwargs(self, model_kwargs):
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k != THINKING_OPTIONS_KWARG}  # ours, not the model's
+        return super()._validate_model_kwargs(model_kwargs)
+
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, streamer=None, **model_kwargs):
-        options = getattr(self, "_thinking_options", None) or ThinkingOptions(
+        options = model_kwargs.pop(THINKING_OPTIONS_KWARG, None) or ThinkingOptions(
             self.config.n_thought_tokens, self.config.thought_temperature
         )
         with kv_cache_kept(self.base_lm):  # generate() runs without grad; 5.17 would drop the cache under checkpointing
