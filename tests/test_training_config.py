@@ -218,3 +218,11 @@ def test_sequence_too_long_for_the_model_fails_before_any_data(tmp_path):
     cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "data.seq_len=2047", "logging.progress_bar=false"])
     with pytest.raises(ConfigError, match=r"data.seq_len 2047: sequence too long.*use at most 2042 tokens"):
         train(cfg)
+
+
+def test_runtime_thought_fields_are_the_ones_that_change_no_weights():
+    from quietstar.training.config import runtime_thought_fields
+
+    fields = runtime_thought_fields()
+    assert "mixing_head_activation" not in fields and "embedding_scale" not in fields
+    assert {"n_thought_tokens", "thought_temperature", "policy_loss_weight", "n_passes"} <= set(fields)

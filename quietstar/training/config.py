@@ -54,8 +54,15 @@ class ThoughtConfig:
     talk_loss_weight: float = _MODEL_DEFAULTS["talk_loss_weight"]
     policy_loss_weight: float = _MODEL_DEFAULTS["policy_loss_weight"]
     clip_negative_advantages: bool = _MODEL_DEFAULTS["clip_negative_advantages"]
-    mixing_head_activation: Literal["none", "sigmoid"] = _MODEL_DEFAULTS["mixing_head_activation"]
-    embedding_scale: float = _MODEL_DEFAULTS["embedding_scale"]
+    # These two shape the weights (head, stored delimiter vectors): a loaded model keeps its own.
+    mixing_head_activation: Literal["none", "sigmoid"] = field(default=_MODEL_DEFAULTS["mixing_head_activation"],
+                                                                metadata={"changes_weights": True})
+    embedding_scale: float = field(default=_MODEL_DEFAULTS["embedding_scale"], metadata={"changes_weights": True})
+
+
+def runtime_thought_fields() -> tuple[str, ...]:
+    """The thought settings that change no weights, so a run can set them on an already-built model."""
+    return tuple(f.name for f in dataclasses.fields(ThoughtConfig) if not f.metadata.get("changes_weights"))
 
 
 @dataclass

@@ -17,12 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, ThoughtConfig
+from .config import ModelConfig, ThoughtConfig, runtime_thought_fields
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Thought settings that change no weights, so they can be set on an already-built model.
-RUNTIME_THOUGHT_FIELDS = ("n_thought_tokens", "n_talk_tokens", "n_passes", "thought_temperature", "reinforce_temperature",
-                          "base_loss_weight", "talk_loss_weight", "policy_loss_weight", "clip_negative_advantages")
 
 
 def byte_tokenizer():
@@ -70,7 +67,7 @@ def build_model(cfg: ModelConfig, thought: ThoughtConfig, seed: int = 0):
         if AutoConfig.from_pretrained(path).model_type == "quietstar":
             model = QuietStarForCausalLM.from_pretrained(path, dtype=dtype)
             model.set_attn_implementation(cfg.attn_implementation)
-            for name in RUNTIME_THOUGHT_FIELDS:
+            for name in runtime_thought_fields():
                 setattr(model.config, name, getattr(thought, name))
             return _finish(model, tokenizer, cfg)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
