@@ -44,7 +44,7 @@ def n_extra_steps(n_thought_tokens: int, n_talk_tokens: int) -> int:
 
 
 class step_of:  # noqa: N801 - a namespace of step indices, read like ``step_of.eot(N)``
-    """Step index of each kind of extra token (docs/docs/ALGORITHM.md, "Per position, what is fed")."""
+    """Step index of each kind of extra token (docs/ALGORITHM.md, "Per position, what is fed")."""
 
     start_thought = 1
 

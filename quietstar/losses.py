@@ -1,4 +1,4 @@
-"""Quiet-STaR losses (docs/docs/ALGORITHM.md, "Losses"): NLL on the true future tokens and REINFORCE on thoughts.
+"""Quiet-STaR losses (docs/ALGORITHM.md, "Losses"): NLL on the true future tokens and REINFORCE on thoughts.
 
 Conventions (all chosen here, tested in tests/test_losses.py):
 * ``targets[b, i, k] = labels[b, i+1+k]``, or -100 when that token does not exist, its label is

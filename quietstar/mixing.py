@@ -1,4 +1,4 @@
-"""The mixing head: how much of the post-thought prediction to trust (docs/docs/ALGORITHM.md, "Mixing head")."""
+"""The mixing head: how much of the post-thought prediction to trust (docs/ALGORITHM.md, "Mixing head")."""
 
 from __future__ import annotations
 

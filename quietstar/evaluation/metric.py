@@ -1,4 +1,4 @@
-"""The paper's teacher-forced metric (docs/docs/ALGORITHM.md, "Evaluation"; the reference's ``compute_metrics``
+"""The paper's teacher-forced metric (docs/ALGORITHM.md, "Evaluation"; the reference's ``compute_metrics``
 in ``eval_helpers.py``).
 
 For each question the text ``prompt + answer`` (``"Q: ...\\nA:" + " 72\\n"``) is encoded in one piece,
