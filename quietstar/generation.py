@@ -252,7 +252,6 @@ def thinking_sample(
     )
 
 
-
 THINKING_OPTIONS_KWARG = "thinking_options"  # generate() -> _sample, through GenerationMixin's model kwargs
 
 

@@ -32,6 +32,7 @@ import torch
 
 from ..losses import IGNORE, talk_targets, token_log_probs
 from .cli import add_thought_arguments, load_model, thought_overrides
+from .metric import sequence_logits
 
 __all__ = ["HeldoutReport", "by_decile", "heldout_evaluation", "text_windows", "main"]
 
@@ -115,8 +116,7 @@ def _base_scores(model, input_ids, attention_mask) -> dict[str, torch.Tensor]:
     """Per-position base NLL ``[B, L]`` of a plain causal LM (or a Quiet-STaR model's base LM)."""
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    lm = getattr(model, "base_lm", model)
-    logits = lm(input_ids, attention_mask=attention_mask).logits
+    logits = sequence_logits(model, input_ids, attention_mask, use_thoughts=False)
     next_token = talk_targets(input_ids, attention_mask, 1)[:, :, 0]
     return {"scored": next_token != IGNORE, "base": -token_log_probs(logits, next_token)}
 
