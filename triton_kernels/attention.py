@@ -219,10 +219,6 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())  # type: ignore[return-value]
 
 
-def _dot_precision_name(dt: str) -> str:
-    return "ieee" if dt == "fp32" else "tf32"
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 dots (TF32 would cost ~1e-3 relative error); 16-bit: tensor cores.
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -25,6 +25,11 @@ import sys
 import tempfile
 import time
 
+import torch
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def _signature(fn, ptr_types: dict, constexprs: dict):
     """What a real launch on contiguous [B, T, H, D]-style tensors specialises to."""
     sig, cx, attrs = {}, dict(constexprs), {}
@@ -52,20 +57,17 @@ def jobs(dtypes=("bf16", "fp16"), dims=(64, 128), all_configs=False, pads=(True,
     The tiled kernels take every candidate with ``all_configs`` (autotuning may pick any), else the
     default (first) one; the elementwise ones have a single config. ``BLOCK_M``/``BLOCK_N`` of the
     elementwise kernels is their row count (the other entry 0)."""
-    import torch
-
     from .attention import _configs, _elementwise_block
 
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     out = []
     for dt in dtypes:
         for d in dims:
             for pad in pads:
                 for kernel in ("fwd", "dkdv", "dq"):
-                    cands = _configs(kernel, arch, d, torch_dtype[dt])
+                    cands = _configs(kernel, arch, d, TORCH_DTYPES[dt])
                     for cfg in cands if all_configs else cands[:1]:
                         out.append((kernel, dt, d, pad, cfg))
-                rows, warps = _elementwise_block(arch, d, torch_dtype[dt])
+                rows, warps = _elementwise_block(arch, d, TORCH_DTYPES[dt])
                 out.append(("pre", dt, d, pad, (rows, 0, warps, 1)))
                 out.append(("xtra", dt, d, pad, (0, rows, warps, 1)))
     return out
@@ -78,12 +80,12 @@ def compile_one(kernel: str, dt: str, d: int, has_pad: bool, cfg, capability: in
     from triton.compiler import ASTSource, make_backend
 
     from . import _attention_kernels as K
-    from .attention import _dot_precision_name
+    from .attention import _dot_precision
 
     m, n, warps, stages = cfg
     P = f"*{dt}"
     pad_t = "*u8" if has_pad else P
-    prec = _dot_precision_name(dt)
+    prec = _dot_precision(TORCH_DTYPES[dt])
     common = dict(HEAD_DIM=d, HAS_PAD=has_pad)
     fn, ptrs, consts = {
         "fwd": (K._attn_fwd, dict(Q=P, K=P, V=P, PAD=pad_t, Out=P, Lse="*fp32"),
