@@ -17,6 +17,21 @@ import triton
 import triton.language as tl
 
 # ---------------------------------------------------------------------------------------------
+# The visibility rule in kernel form (quietstar/layout.py is its one definition): a base position is
+# a key or a query only where it exists and is not padding; base keys are causal; a query's extra
+# keys are its own earlier steps at the same position (the extra-key loops walk exactly those).
+
+
+@triton.jit
+def _is_real(pad_row, offs, in_range, HAS_PAD: tl.constexpr):
+    """Positions ``offs`` that exist (``in_range``) and are not padding (``pad_row[offs] != 0``)."""
+    real = in_range
+    if HAS_PAD:
+        real = real & (tl.load(pad_row + offs, mask=in_range, other=0) != 0)
+    return real
+
+
+# ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
 
@@ -38,11 +53,9 @@ def _fwd_base_tiles(
         k_t = tl.load(k_tile + arange_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
                       mask=key_in[None, :], other=0.0)  # [D, N]
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [M, N]
-        ok = key_in[None, :]
+        ok = _is_real(pad_row, offs_n, key_in, HAS_PAD)[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_PAD:
-            ok = ok & (tl.load(pad_row + offs_n, mask=key_in, other=0) != 0)[None, :]
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay NaN-free
@@ -124,9 +137,7 @@ def _attn_fwd(
 
     # Own extra keys first (the softmax merge is order-free): this loop then holds no tensor-core
     # state, and the base loop after it none of this loop's tiles.
-    row_ok = row_in
-    if HAS_PAD:
-        row_ok = row_ok & (tl.load(pad_row + offs_m, mask=row_in, other=0) != 0)
+    row_ok = _is_real(pad_row, offs_m, row_in, HAS_PAD)
     acc, l_i, m_i = _fwd_extra_keys(acc, l_i, m_i, q, k_head, v_head, stride_kt, stride_kd, stride_vt, stride_vd,
                                     row_in, row_ok, m0, arange_m, offs_d, step, L, qk_scale)
 
@@ -239,9 +250,7 @@ def _attn_bwd_dkdv_base(
     offs_n = n0 + arange_n
     offs_d = tl.arange(0, HEAD_DIM)
     key_in = offs_n < L
-    key_real = key_in
-    if HAS_PAD:
-        key_real = key_real & (tl.load(PAD + b * stride_pb + offs_n, mask=key_in, other=0) != 0)
+    key_real = _is_real(PAD + b * stride_pb, offs_n, key_in, HAS_PAD)
     k_tile = K + b * stride_kb + hk * stride_kh + n0.to(tl.int64) * stride_kt
     v_tile = V + b * stride_vb + hk * stride_vh + n0.to(tl.int64) * stride_vt
     k = tl.load(k_tile + arange_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=key_in[:, None], other=0.0)
@@ -289,11 +298,9 @@ def _bwd_dq_base_tiles(
         v_t = tl.load(v_tile + arange_n[None, :] * stride_vt + offs_d[:, None] * stride_vd,
                       mask=key_in[None, :], other=0.0)  # [D, N]
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        ok = key_in[None, :]
+        ok = _is_real(pad_row, offs_n, key_in, HAS_PAD)[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_PAD:
-            ok = ok & (tl.load(pad_row + offs_n, mask=key_in, other=0) != 0)[None, :]
         p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -364,9 +371,7 @@ def _attn_bwd_dq(
     pad_row = PAD + b * stride_pb
 
     # Own extra keys first, as in the forward.
-    row_ok = row_in
-    if HAS_PAD:
-        row_ok = row_ok & (tl.load(pad_row + offs_m, mask=row_in, other=0) != 0)
+    row_ok = _is_real(pad_row, offs_m, row_in, HAS_PAD)
     dq = _dq_extra_keys(q, do, lse2, delta, k_head, v_head, stride_kt, stride_kd, stride_vt, stride_vd,
                         row_in, row_ok, m0, arange_m, offs_d, step, L, qk_scale, BLOCK_M, HEAD_DIM)
     diag_lo = pid_m * BLOCK_M
@@ -407,9 +412,7 @@ def _attn_bwd_dkdv_extra(
     offs_n = n0 + arange_n
     offs_d = tl.arange(0, HEAD_DIM)
     key_in = offs_n < L
-    key_real = key_in
-    if HAS_PAD:
-        key_real = key_real & (tl.load(PAD + b * stride_pb + offs_n, mask=key_in, other=0) != 0)
+    key_real = _is_real(PAD + b * stride_pb, offs_n, key_in, HAS_PAD)
     k_row0 = k_step.to(tl.int64) * L + n0
     ke = tl.load(K + b * stride_kb + hk * stride_kh + k_row0 * stride_kt + arange_n[:, None] * stride_kt
                  + offs_d[None, :] * stride_kd, mask=key_in[:, None], other=0.0)
