@@ -31,6 +31,11 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
+def _pad_id(tokenizer) -> int:
+    """The id that fills masked-out window tails: the tokenizer's pad token, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+
+
 def _check_text_field(column_names, cfg: DataConfig) -> None:
     if column_names is not None and cfg.text_field not in column_names:
         raise ConfigError(
@@ -81,7 +86,7 @@ class PackedDataset:
     def __init__(self, cfg: DataConfig, tokenizer, *, batch_size: int, rank: int, world_size: int, seed: int):
         ds = load_documents(cfg, streaming=False)
         eos = _eos_id(tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        pad = _pad_id(tokenizer)
         per_document = cfg.windows == "document"
         chunks = []
         for start in range(0, len(ds), 1000):
@@ -143,7 +148,7 @@ class StreamingDataset:
         ds = load_documents(cfg, streaming=True).shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
         self.stream = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         self.cfg, self.tokenizer, self.eos, self.seed = cfg, tokenizer, _eos_id(tokenizer), seed
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.pad = _pad_id(tokenizer)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.position = 0
         self._windows = self._window_iter()
