@@ -64,13 +64,19 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def answer_token_ids(tokenizer, prompt: str, answer: str) -> list[int]:
-    """The ids ``answer`` gets when ``prompt + answer`` is encoded in one piece, which is what the model reads.
+def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of ``prompt + answer`` encoded in one piece, which is what the model reads.
 
     Encoding the answer alone differs for SentencePiece tokenizers (a ``▁`` is prepended to it).
     """
     whole = _encode(tokenizer, prompt + answer)
-    return whole[_common_prefix_length(_encode(tokenizer, prompt), whole) :]
+    n_prompt = _common_prefix_length(_encode(tokenizer, prompt), whole)
+    return whole[:n_prompt], whole[n_prompt:]
+
+
+def answer_token_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """The ids ``answer`` gets after ``prompt`` (see :func:`encode_pair`)."""
+    return encode_pair(tokenizer, prompt, answer)[1]
 
 
 def leading_special_ids(tokenizer) -> list[int]:
@@ -177,16 +183,15 @@ def sequence_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 def _tokenize_pair(tokenizer, prompt: str, answer: str, max_length: int, leading: list[int]) -> tuple[list[int], int]:
     """(``leading + ids of prompt + answer``, index of the first answer token); long prompts are cut
     on the left, after the leading special tokens, so that BOS and the whole answer stay."""
-    text_ids = _encode(tokenizer, prompt + answer)
-    n_prompt = _common_prefix_length(_encode(tokenizer, prompt), text_ids)
-    keep = max_length - len(leading) - (len(text_ids) - n_prompt)
+    prompt_ids, answer_ids = encode_pair(tokenizer, prompt, answer)
+    keep = max_length - len(leading) - len(answer_ids)
     if keep < 1:
         raise ValueError(
-            f"max_length {max_length} leaves no room for the prompt (answer {len(text_ids) - n_prompt} tokens, "
+            f"max_length {max_length} leaves no room for the prompt (answer {len(answer_ids)} tokens, "
             f"{len(leading)} leading special); raise max_length"
         )
-    prompt_ids = text_ids[:n_prompt][-keep:]
-    return leading + prompt_ids + text_ids[n_prompt:], len(leading) + len(prompt_ids)
+    prompt_ids = prompt_ids[-keep:]
+    return leading + prompt_ids + answer_ids, len(leading) + len(prompt_ids)
 
 
 @torch.no_grad()
