@@ -1,15 +1,21 @@
 """The run config, input validation and checkpoint discovery (in-process, no training)."""
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
 
 import pytest
 
+from quietstar import QuietStarConfig
 from quietstar.training.checkpoint import CheckpointWarning, complete_checkpoints, latest_checkpoint
 from quietstar.training.cli import check_accelerate_config, main
-from quietstar.training.config import ConfigError, RunConfig, load_config, save_config, validate
-from quietstar.training.loop import lr_lambda
+from quietstar.training.config import (
+    ConfigError, RunConfig, ThoughtConfig, load_config, runtime_thought_fields, save_config, validate,
+)
+from quietstar.training.data import build_dataset
+from quietstar.training.loop import lr_lambda, train
+from quietstar.training.models import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "train" / "configs").glob("*.yaml"))
@@ -87,8 +93,6 @@ def test_empty_dataset(tmp_path):
     blank.write_text('{"text": "   "}\n{"text": ""}\n')
     cfg = load_config(TINY, [f"data.path={blank}"])
     validate(cfg)  # not empty on disk: the packed dataset finds no text
-    from quietstar.training.data import build_dataset
-    from quietstar.training.models import byte_tokenizer
 
     with pytest.raises(ConfigError, match="empty dataset"):
         build_dataset(cfg.data, byte_tokenizer(), batch_size=1, rank=0, world_size=1, seed=0)
@@ -112,8 +116,6 @@ def test_accelerate_config_with_more_processes_than_devices(tmp_path):
 
 
 def test_data_order_is_deterministic_sharded_and_resumable():
-    from quietstar.training.data import build_dataset
-    from quietstar.training.models import byte_tokenizer
 
     cfg = load_config(TINY)
     tok = byte_tokenizer()
@@ -161,8 +163,6 @@ def test_partial_checkpoints_are_ignored_with_a_warning(tmp_path):
 
 
 def test_streaming_data_is_deterministic_and_resumable(tmp_path):
-    from quietstar.training.data import build_dataset
-    from quietstar.training.models import byte_tokenizer
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"document {i}: " + "word " * (i % 7 + 3)}) + "\n" for i in range(60)))
@@ -185,11 +185,6 @@ def test_streaming_data_is_deterministic_and_resumable(tmp_path):
 
 
 def test_thought_settings_are_the_model_configs_fields_and_defaults():
-    import dataclasses
-
-    from quietstar import QuietStarConfig
-    from quietstar.training.config import ThoughtConfig
-
     model_defaults = {f.name: f.default for f in dataclasses.fields(QuietStarConfig)}
     run_defaults = {f.name: f.default for f in dataclasses.fields(ThoughtConfig)}
     assert run_defaults.keys() <= model_defaults.keys()
@@ -202,27 +197,19 @@ def test_thought_settings_are_the_model_configs_fields_and_defaults():
 
 
 def test_thought_settings_are_validated_by_the_model_config():
-    import pytest
-
-    from quietstar.training.config import ConfigError, load_config, validate
-
-    cfg = load_config("train/configs/tiny_test.yaml", ["thought.n_thought_tokens=0"])
+    cfg = load_config(TINY, ["thought.n_thought_tokens=0"])
     with pytest.raises(ConfigError, match="n_thought_tokens must be >= 1"):
         validate(cfg)
 
 
 def test_sequence_too_long_for_the_model_fails_before_any_data(tmp_path):
     """The model's own length check (positions + thought steps) at config time, as a ConfigError."""
-    from quietstar.training.loop import train
-
     cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "data.seq_len=2047", "logging.progress_bar=false"])
     with pytest.raises(ConfigError, match=r"data.seq_len 2047: sequence too long.*use at most 2042 tokens"):
         train(cfg)
 
 
 def test_runtime_thought_fields_are_the_ones_that_change_no_weights():
-    from quietstar.training.config import runtime_thought_fields
-
     fields = runtime_thought_fields()
     assert "mixing_head_activation" not in fields and "embedding_scale" not in fields
     assert {"n_thought_tokens", "thought_temperature", "policy_loss_weight", "n_passes"} <= set(fields)
