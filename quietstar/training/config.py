@@ -89,6 +89,12 @@ class OptimConfig:
     batch_size: int = 4  # sequences per process per micro-batch (x n_passes thoughts each)
     grad_accum: int = 2
     lr: float = 1e-6
+    # Multiples of lr for the two parts Quiet-STaR adds (1 = the reference: one lr for everything; the
+    # delimiters already move embedding_scale times faster under Adam, see thought.embedding_scale).
+    # base_lr_scale 0 freezes the base LM's update (it still gets gradients; weight decay is scaled too).
+    base_lr_scale: float = 1.0
+    mixing_head_lr_scale: float = 1.0
+    delimiter_lr_scale: float = 1.0
     weight_decay: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -318,6 +324,9 @@ def validate(cfg: RunConfig) -> None:
             problems.append(f"optim.{name} must be >= 1, got {getattr(o, name)}")
     if o.lr <= 0:
         problems.append(f"optim.lr must be > 0, got {o.lr}")
+    for name in ("base_lr_scale", "mixing_head_lr_scale", "delimiter_lr_scale"):
+        if getattr(o, name) < 0:
+            problems.append(f"optim.{name} must be >= 0 (a multiple of optim.lr), got {getattr(o, name)}")
     if o.warmup_steps < 0 or o.max_grad_norm < 0 or not 0 <= o.min_lr_ratio <= 1:
         problems.append("optim.warmup_steps and optim.max_grad_norm must be >= 0 and optim.min_lr_ratio in [0, 1]")
     if len(o.betas) != 2:

@@ -43,12 +43,31 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return factor
 
 
+def parameter_part(name: str) -> str:
+    """Which part of a QuietStarForCausalLM a parameter belongs to: "mixing_head", "delimiters" or "base"."""
+    if name.startswith("mixing_head.") or ".mixing_head." in name:
+        return "mixing_head"
+    if name.endswith("delimiter_embeddings"):
+        return "delimiters"
+    return "base"
+
+
 def make_optimizer(model, cfg: RunConfig, device_type: str) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    """AdamW with one group per (part, decayed or not); each part's lr is optim.lr times its scale.
+
+    The logged lr is optim.lr on the schedule (each group's lr is that times its part's scale).
+    """
+    o = cfg.optim
+    scales = {"base": o.base_lr_scale, "mixing_head": o.mixing_head_lr_scale, "delimiters": o.delimiter_lr_scale}
+    params = {(part, decay): [] for part in scales for decay in (True, False)}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)  # norms and biases are not decayed
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            params[parameter_part(name), p.dim() >= 2].append(p)  # norms and biases are not decayed
+    groups = [
+        {"params": ps, "lr": o.lr * scales[part], "weight_decay": o.weight_decay if decay else 0.0, "part": part}
+        for (part, decay), ps in params.items()
+        if ps
+    ]
     kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     if cfg.optim.fused and device_type in ("cuda", "cpu"):
         try:
@@ -277,7 +296,7 @@ def train(cfg: RunConfig, on_step=None) -> dict:
         log_now = step % cfg.logging.every == 0 or step == cfg.optim.steps
         metrics = None
         if log_now or trace is not None:
-            metrics = reduce_metrics(accelerator, result, lr=scheduler.get_last_lr()[0], elapsed=time.perf_counter() - t0)
+            metrics = reduce_metrics(accelerator, result, lr=cfg.optim.lr * scheduler.lr_lambdas[0](scheduler.last_epoch), elapsed=time.perf_counter() - t0)
             history.append({"step": step, **metrics})
             if log_now:
                 accelerator.log(metrics, step=step)
