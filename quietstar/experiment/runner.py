@@ -31,16 +31,9 @@ from ..evaluation.data import load_examples
 from ..evaluation.heldout import by_decile, heldout_evaluation
 from ..evaluation.metric import paper_metric
 from ..training.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
-from .math_text import write_corpus
+from .corpus import GENERATED, CorpusConfig, check_corpus, prepare_corpus
 
 __all__ = ["ExperimentConfig", "load_experiment_config", "run_experiment", "main"]
-
-
-@dataclass
-class CorpusConfig:
-    n_train: int = 3000  # generated training problems (documents)
-    n_heldout: int = 200  # held-out problems: disjoint from training by construction
-    seed: int = 0
 
 
 @dataclass
@@ -61,6 +54,9 @@ class ExperimentConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     metric_limit: int = 50  # held-out problems scored by the paper's GSM8K metric (0: skip)
+    # "corpus": the generated corpus's held-out problems; otherwise a load_examples source for GSM8K
+    # ("hub": the GSM8K test set, "sample": the bundled sample, or a .jsonl path).
+    metric_source: str = "corpus"
     run: RunConfig = field(default_factory=RunConfig)  # the Quiet-STaR run; the control copies it
 
 
@@ -68,6 +64,10 @@ def load_experiment_config(path: str | None, overrides: list[str] | None = None)
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
     data = apply_overrides(data or {}, overrides or [], root=ExperimentConfig)
     cfg = from_dict(ExperimentConfig, data)
+    if cfg.metric_source == "corpus" and cfg.corpus.source != GENERATED and cfg.metric_limit:
+        raise ConfigError(f"metric_source 'corpus' needs the generated corpus (its problems have answers), but corpus.source "
+                          f"is {cfg.corpus.source!r}; set metric_source to hub (GSM8K's test set), a .jsonl file, or metric_limit=0")
+    check_corpus(cfg.corpus)
     if not cfg.training_seeds:
         raise ConfigError("training_seeds is empty: give at least one seed")
     if cfg.heldout.every < 0 or cfg.heldout.max_windows < 1 or cfg.heldout.final_max_windows < 1:
@@ -80,6 +80,7 @@ def _arm_config(cfg: ExperimentConfig, arm: str, seed: int, train_file: Path) ->
     run.seed, run.thinking = seed, arm == "thinking"
     run.name, run.output_dir = f"{cfg.name}-{arm}-seed{seed}", str(Path(cfg.output_dir) / f"{arm}_seed{seed}")
     run.data.path, run.resume = str(train_file), "no"
+    run.data.text_field, run.data.streaming, run.data.max_documents = "text", False, None  # the corpus file as written
     run.checkpoint.every, run.checkpoint.export = 0, False  # the experiment scores the in-memory model
     run.logging.trackers = []
     return run
@@ -138,9 +139,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    paths = write_corpus(out / "data", cfg.corpus.n_train, cfg.corpus.n_heldout, cfg.corpus.seed)
+    paths = prepare_corpus(cfg.corpus, out / "data")
     heldout_text = paths["heldout"].read_text(encoding="utf-8")
-    examples = load_examples("gsm8k", str(paths["heldout_gsm8k"]), limit=cfg.metric_limit) if cfg.metric_limit else []
+    examples = []
+    if cfg.metric_limit:
+        source = str(paths["heldout_gsm8k"]) if cfg.metric_source == "corpus" else cfg.metric_source
+        examples = load_examples("gsm8k", source, limit=cfg.metric_limit)
 
     t0 = time.perf_counter()
     if cfg.run.cpu_threads and not torch.cuda.is_available():
