@@ -268,6 +268,8 @@ def train(cfg: RunConfig, on_step=None) -> dict:
         if not torch.distributed.is_initialized():
             raise ConfigError("an FSDP run needs a distributed launch: quietstar-train --accelerate-config FILE, "
                               "accelerate launch or torchrun")
+        if on_step is not None:  # it runs the model on the main process alone: the others would never all-gather
+            raise ConfigError("periodic evaluation (on_step) needs every process's shards; run experiments without FSDP")
         units = shard_model(model, fsdp_plan)
         # The root returns views (logits slices); the loop only reads the outputs, never writes them in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
@@ -295,7 +297,8 @@ def train(cfg: RunConfig, on_step=None) -> dict:
         step = state["step"]
         if state["world_size"] != world:
             resume_on_other_world_size(state, cfg, step, rank, world)
-        accelerator.print(f"resumed from {resume} at step {step} (data position {data.position})")
+        where = f"window {data.windows_consumed} of the global order" if hasattr(data, "windows_consumed") else f"micro-batch {data.position}"
+        accelerator.print(f"resumed from {resume} at step {step} (data: {where})")
     if step >= cfg.optim.steps:
         accelerator.print(f"nothing to do: already at step {step} of {cfg.optim.steps}")
 
