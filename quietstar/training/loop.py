@@ -270,11 +270,11 @@ def train(cfg: RunConfig, on_step=None) -> dict:
                               "accelerate launch or torchrun")
         if on_step is not None:  # it runs the model on the main process alone: the others would never all-gather
             raise ConfigError("periodic evaluation (on_step) needs every process's shards; run experiments without FSDP")
-        units = shard_model(model, fsdp_plan)
+        shard_model(model, fsdp_plan)
         # The root returns views (logits slices); the loop only reads the outputs, never writes them in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
-        shards = {"units": units, **shard_summary(model)}
-        accelerator.print(f"FSDP2 on CPU (fully_shard, {world} processes): {len(units)} units {units}; "
+        shards = shard_summary(model)
+        accelerator.print(f"FSDP2 on CPU (fully_shard, {world} processes): {len(shards['units'])} units {shards['units']}; "
                           f"rank 0 holds {shards['local_numel']} of {shards['numel']} parameter elements")
 
     optimizer = make_optimizer(model, cfg, accelerator.device.type)
@@ -334,7 +334,7 @@ def train(cfg: RunConfig, on_step=None) -> dict:
                 record = {"step": step, "rank": rank, "sample_ids": result.sample_ids,
                           "loss": float(result.terms[-1]["loss"]), "param_hash": param_hash(unwrapped), "metrics": metrics}
                 if shards is not None:  # what this process holds: tests check the model is really sharded
-                    record["shards"] = {**shards, **shard_summary(model)}
+                    record["shards"] = shard_summary(model)
                 trace.write(json.dumps(record) + "\n")
                 trace.flush()
         bar.update(1)

@@ -84,11 +84,10 @@ def decoder_layer_classes(model) -> set[str]:
     return names
 
 
-def shard_model(model, plan: CpuFsdpPlan) -> list[str]:
+def shard_model(model, plan: CpuFsdpPlan) -> None:
     """Rank 0's weights to every process, then ``fully_shard`` each decoder layer and the root.
 
-    Returns the unit names ("" is the root). Call before building the optimiser: fully_shard
-    replaces the parameters by DTensors."""
+    Call before building the optimiser: fully_shard replaces the parameters by DTensors."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -103,7 +102,6 @@ def shard_model(model, plan: CpuFsdpPlan) -> list[str]:
     for _, layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
-    return [name for name, _ in layers] + [""]
 
 
 def is_fully_sharded(model) -> bool:
@@ -113,9 +111,12 @@ def is_fully_sharded(model) -> bool:
 
 
 def shard_summary(model) -> dict:
-    """Parameter elements this process holds vs the model's, and any parameter left unsharded."""
+    """The FSDP units as the model has them ("" is the root), parameter elements this process holds
+    vs the model's, and any parameter left unsharded."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    units = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
     local = total = 0
     replicated = []
     for name, p in model.named_parameters():
@@ -125,7 +126,7 @@ def shard_summary(model) -> dict:
         else:
             local += p.numel()
             replicated.append(name)
-    return {"local_numel": local, "numel": total, "replicated": replicated}
+    return {"units": units, "local_numel": local, "numel": total, "replicated": replicated}
 
 
 def full_tensor(p: torch.Tensor) -> torch.Tensor:
