@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .sharding import is_fully_sharded, load_sharded, save_sharded
+from .sharding import load_sharded, save_sharded, sharded_here
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
@@ -53,7 +53,7 @@ def _sharded_with(accelerator, model) -> str | None:
     """Who writes this run's model state in shards: "dcp" (own FSDP2), "accelerate", or None (one file)."""
     from accelerate.utils import DistributedType
 
-    if is_fully_sharded(model):
+    if sharded_here(accelerator, model):
         return "dcp"
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return "accelerate"

@@ -32,7 +32,7 @@ from ..inspection import thought_in_context
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_dict, validate
 from .data import build_dataset
-from .sharding import cpu_fsdp_plan, full_state_dict, full_tensor, is_fully_sharded, shard_model, shard_summary
+from .sharding import cpu_fsdp_plan, full_state_dict, full_tensor, shard_model, shard_summary, sharded_here
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -152,7 +152,7 @@ def train_step(model, data, accelerator, optimizer, cfg: RunConfig) -> StepResul
         mask = batch["attention_mask"].to(accelerator.device)
         n_tokens += int(batch["attention_mask"].sum())
         with accelerator.accumulate(model):
-            if is_fully_sharded(model):  # as accelerate's FSDP2 does: one reduce-scatter per optimiser step
+            if sharded_here(accelerator, model):  # as accelerate's FSDP2 does: one reduce-scatter per optimiser step
                 model.set_requires_gradient_sync(accelerator.sync_gradients)
             out = model(input_ids, attention_mask=mask, labels=input_ids)
             accelerator.backward(out.loss)
@@ -207,7 +207,7 @@ def export_model(accelerator, model, tokenizer, out_dir: Path, config_yaml: str,
     """``save_pretrained`` the FULL model (gathered under FSDP / ZeRO-3) into ``output_dir/final``."""
     export_dir = out_dir / "final"
     accelerator.wait_for_everyone()
-    state_dict = full_state_dict(model) if is_fully_sharded(model) else accelerator.get_state_dict(model)
+    state_dict = full_state_dict(model) if sharded_here(accelerator, model) else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(export_dir)
