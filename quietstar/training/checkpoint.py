@@ -14,8 +14,11 @@ Contents (data-parallel runs; written by the main process only):
                             non-tensor state, tensor aliases, world size, file manifest
     config.yaml             the resolved run config
 
-FSDP / DeepSpeed runs shard the model and optimiser across processes; there the ``sharded/``
-folder is written by ``accelerator.save_state`` (every process writes its shard), the rest as above.
+FSDP / DeepSpeed runs shard the model and optimiser across processes; there every process writes
+its shard into ``sharded/`` (the model and optimiser files above are left out): with
+``torch.distributed.checkpoint`` for the launcher's own FSDP2 on CPU (``sharding.py``; it reshards
+on load, so such a checkpoint resumes on another process count), with ``accelerator.save_state``
+for accelerate's FSDP / DeepSpeed on GPUs. ``state.json`` records which (``sharded_with``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .sharding import load_sharded, save_sharded, sharded_here
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
@@ -44,10 +49,15 @@ def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def _is_sharded(accelerator) -> bool:
+def _sharded_with(accelerator, model) -> str | None:
+    """Who writes this run's model state in shards: "dcp" (own FSDP2), "accelerate", or None (one file)."""
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded_here(accelerator, model):
+        return "dcp"
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return "accelerate"
+    return None
 
 
 def _dedupe(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -126,8 +136,12 @@ def save_checkpoint(accelerator, output_dir, *, step: int, model, optimizer, sch
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    sharded = _is_sharded(accelerator)
-    if sharded:
+    sharded_with = _sharded_with(accelerator, model)
+    sharded = sharded_with is not None
+    if sharded_with == "dcp":
+        save_sharded(tmp / "sharded", model, optimizer)
+        model_state = None
+    elif sharded_with == "accelerate":
         accelerator.save_state(str(tmp / "sharded"), safe_serialization=True)
         model_state = None
     else:
@@ -135,7 +149,7 @@ def save_checkpoint(accelerator, output_dir, *, step: int, model, optimizer, sch
 
     if accelerator.is_main_process:
         state = {"format": FORMAT_VERSION, "step": step, "data": data_state, "world_size": accelerator.num_processes,
-                 "sharded": sharded, "scheduler": scheduler.state_dict()}
+                 "sharded": sharded, "sharded_with": sharded_with, "scheduler": scheduler.state_dict()}
         if not sharded:
             tensors, state["aliases"] = _dedupe(model_state)
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -145,7 +159,7 @@ def save_checkpoint(accelerator, output_dir, *, step: int, model, optimizer, sch
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         state["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
-        for p in files:  # data on disk before the rename makes the checkpoint visible
+        for p in files:  # data on disk before the rename makes the checkpoint visible (every process's shards too)
             with open(p, "rb+") as handle:
                 os.fsync(handle.fileno())
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:
@@ -220,10 +234,15 @@ def load_checkpoint(accelerator, path: Path, *, model, optimizer, scheduler) -> 
     if problem:
         raise FileNotFoundError(f"checkpoint {path} is incomplete ({problem}); pick another or use resume: auto")
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    if state["sharded"] != _is_sharded(accelerator):
-        raise ValueError(f"checkpoint {path} was written {'with' if state['sharded'] else 'without'} sharding; "
-                         "resume with the same accelerate config")
-    if state["sharded"]:
+    written_with = state.get("sharded_with", "accelerate" if state["sharded"] else None)
+    if written_with != _sharded_with(accelerator, model):
+        kinds = {None: "an unsharded state", "dcp": "FSDP2-on-CPU shards (torch.distributed.checkpoint)",
+                 "accelerate": "accelerate FSDP / DeepSpeed shards"}
+        raise ValueError(f"checkpoint {path} holds {kinds[written_with]}, this run needs "
+                         f"{kinds[_sharded_with(accelerator, model)]}; resume with the same kind of launch (accelerate config)")
+    if written_with == "dcp":
+        load_sharded(path / "sharded", model, optimizer)
+    elif written_with == "accelerate":
         accelerator.load_state(str(path / "sharded"))
     else:
         tensors = load_file(str(path / "model.safetensors"))
@@ -241,6 +260,8 @@ def load_checkpoint(accelerator, path: Path, *, model, optimizer, scheduler) -> 
         if torch.cuda.is_available() and f"rank{rank}.cuda" in rng:
             torch.cuda.set_rng_state(rng[f"rank{rank}.cuda"])
     else:
+        # Per-process RNG streams cannot be mapped onto another process count; the loop re-seeds.
         warnings.warn(f"checkpoint written by {state['world_size']} processes, resumed by {accelerator.num_processes}: "
-                      "thought sampling RNG is re-seeded, so the run is not bit-identical", CheckpointWarning, stacklevel=2)
+                      "the data continues at the same window of the global order, but thought sampling is re-seeded "
+                      "from (seed, step, rank), so the run is not bit-identical", CheckpointWarning, stacklevel=2)
     return state

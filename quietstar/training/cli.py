@@ -25,6 +25,8 @@ def check_accelerate_config(path: str | os.PathLike) -> dict:
     """Read an accelerate config file and check it against this machine; returns it."""
     import torch
 
+    from .sharding import check_cpu_fsdp_settings
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"accelerate config {str(p)!r} does not exist; the shipped ones are in train/accelerate/")
@@ -42,10 +44,12 @@ def check_accelerate_config(path: str | os.PathLike) -> dict:
         if per_machine > cuda:
             raise ConfigError(f"{p} names {per_machine} processes per machine but this machine has {cuda} CUDA devices; "
                               f"set num_processes to at most {cuda * max(1, int(conf.get('num_machines', 1)))}")
-    elif kind in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"{p} is a {kind} config, which needs CUDA devices; this machine has none "
-                          "(use train/accelerate/cpu_2proc.yaml on CPU)")
+    elif kind == "DEEPSPEED":
+        raise ConfigError(f"{p} is a DEEPSPEED config, which needs CUDA devices; this machine has none "
+                          "(on CPU use train/accelerate/fsdp2_cpu_2proc.yaml or cpu_2proc.yaml)")
     else:
+        if kind == "FSDP":  # runs on CPU through the launcher's own fully_shard, for the settings it supports
+            check_cpu_fsdp_settings(conf.get("fsdp_config") or {}, str(p))
         cores = os.cpu_count() or 1
         if per_machine > cores:
             raise ConfigError(f"{p} names {per_machine} processes but this machine has no CUDA device and {cores} CPU cores; "

@@ -4,19 +4,27 @@ Two sources, one contract (``next_batch()`` and ``state_dict()`` / ``position``)
 
 - :class:`PackedDataset` (local files, ``bundled``, or a hub set without streaming): all documents
   are tokenised once, joined with EOS and cut into ``W`` windows of L tokens (the tail window is
-  kept and padded, its padding masked out). Epoch ``e`` visits the windows in the order
-  ``randperm(W, seed + e)``. Global micro-batch ``g`` is the ``B * world`` samples
-  ``g*B*world ... (g+1)*B*world - 1`` of that endless sequence; process ``r`` takes its own ``B``.
-  The position (``g``) is the whole data state: resuming at ``g`` continues the exact order.
+  kept and padded, its padding masked out). The **global order** is the endless sequence of
+  windows ``randperm(W, seed)``, then ``randperm(W, seed + 1)`` (epoch 1), ... It does not depend
+  on the process count. Windows are consumed from it in order, ``B * world`` per global
+  micro-batch: when ``c`` windows have been consumed, process ``r`` takes ``c + r*B ... c + (r+1)*B - 1``.
+  The data state is ``c`` (``windows_consumed``), so a run resumed by any number of processes
+  trains next exactly the windows the uninterrupted run would have trained next. Which process
+  trains which window, and how many windows make one optimiser step (``B * world * grad_accum``),
+  follow the new launch: keep that product (e.g. double grad_accum when halving the processes)
+  and every optimiser step trains the same set of windows.
 - ``data.windows: document`` replaces packing by one window per document (the reference's
   recipe), in both sources; ``data.max_documents`` keeps only the first documents.
 - :class:`StreamingDataset` (hub sets too large to download, ``data.streaming: true``): the stream
   is shuffled with a document buffer seeded by ``seed``, split across processes
   (``split_dataset_by_node``), tokenised and packed on the fly. Resuming re-reads and drops the
-  windows already used (exact, but it costs a pass over the consumed part of the stream).
+  windows already used (exact, but it costs a pass over the consumed part of the stream). The
+  split depends on the process count, so this resume is exact only with the same count.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -103,7 +111,8 @@ class PackedDataset:
             self.input_ids, self.attention_mask = pack_tokens(np.concatenate(chunks), cfg.seq_len, pad)  # [W, L]
         self.n_tokens = int(self.attention_mask.sum())
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.position = 0  # global micro-batches consumed
+        self.position = 0  # global micro-batches consumed (by any process count)
+        self.windows_consumed = 0  # c: windows of the global order consumed
         self._orders: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -114,9 +123,9 @@ class PackedDataset:
             self._orders = {epoch: torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed + epoch))}
         return self._orders[epoch]
 
-    def sample_ids(self, position: int) -> list[int]:
-        """Window ids of this process's batch at global micro-batch ``position``."""
-        first = (position * self.world_size + self.rank) * self.batch_size
+    def sample_ids(self, consumed: int) -> list[int]:
+        """Window ids of this process's batch of the global micro-batch that starts after ``consumed`` windows."""
+        first = consumed + self.rank * self.batch_size
         out = []
         for flat in range(first, first + self.batch_size):
             epoch, index = divmod(flat, len(self))
@@ -124,13 +133,15 @@ class PackedDataset:
         return out
 
     def next_batch(self) -> dict:
-        ids = self.sample_ids(self.position)
+        ids = self.sample_ids(self.windows_consumed)
+        self.windows_consumed += self.batch_size * self.world_size
         self.position += 1
         index = torch.tensor(ids)
         return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index], "sample_ids": ids}
 
     def state_dict(self) -> dict:
-        return {"kind": "packed", "position": self.position, "n_windows": len(self)}
+        return {"kind": "packed", "position": self.position, "windows_consumed": self.windows_consumed,
+                "n_windows": len(self), "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("n_windows") not in (None, len(self)):
@@ -139,6 +150,10 @@ class PackedDataset:
                 "resume with the same data and data.seq_len"
             )
         self.position = int(state["position"])
+        if "windows_consumed" in state:
+            self.windows_consumed = int(state["windows_consumed"])
+        else:  # written before windows_consumed was stored: position global micro-batches of this batch size
+            self.windows_consumed = self.position * self.batch_size * int(state.get("world_size", self.world_size))
 
 
 class StreamingDataset:
@@ -192,10 +207,16 @@ class StreamingDataset:
         return {"input_ids": input_ids, "attention_mask": torch.tensor(masks, dtype=torch.long), "sample_ids": ids}
 
     def state_dict(self) -> dict:
-        return {"kind": "streaming", "position": self.position}
+        return {"kind": "streaming", "position": self.position, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+        written_by = int(state.get("world_size", self.world_size))
+        if written_by != self.world_size:
+            warnings.warn(
+                f"streaming data resumed by {self.world_size} processes, written by {written_by}: the stream is split "
+                f"per process, so each process skips {self.position} x {self.batch_size} windows of its own new share; "
+                "some windows are trained again and others skipped (packed data resumes exactly)", UserWarning, stacklevel=2)
 
 
 def build_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, rank: int, world_size: int, seed: int):

@@ -6,7 +6,8 @@
 
 Runs in-process on one device, or under ``accelerate launch`` / ``torchrun`` (DDP, FSDP2,
 DeepSpeed ZeRO-3 through accelerate). Without CUDA it uses ``Accelerator(cpu=True)``: a plain
-``Accelerator()`` on CPU processes started by torchrun trains each process alone.
+``Accelerator()`` on CPU processes started by torchrun trains each process alone. An FSDP2 launch
+without CUDA shards the model with the launcher's own ``fully_shard`` (``sharding.py`` says why).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import os
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -29,6 +32,7 @@ from ..inspection import thought_in_context
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_dict, validate
 from .data import build_dataset
+from .sharding import cpu_fsdp_plan, full_state_dict, full_tensor, shard_model, shard_summary, sharded_here
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -78,9 +82,14 @@ def make_optimizer(model, cfg: RunConfig, device_type: str) -> torch.optim.Optim
 
 
 def check_launch(accelerator_env: dict | None = None) -> None:
-    """Processes vs devices, from the launcher's environment, before anything is loaded."""
+    """Processes vs devices and the sharding asked for, from the launcher's environment, before anything is loaded."""
     env = os.environ if accelerator_env is None else accelerator_env
     local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if not torch.cuda.is_available() and env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # Accelerator(cpu=True) would ignore it and run plain data parallelism instead.
+        raise ConfigError("a DeepSpeed launch needs CUDA devices; this machine has none "
+                          "(on CPU use train/accelerate/fsdp2_cpu_2proc.yaml or cpu_2proc.yaml)")
+    cpu_fsdp_plan(env)  # raises on FSDP settings that do not run on CPU
     if torch.cuda.is_available() and local > torch.cuda.device_count():
         raise ConfigError(
             f"{local} processes were started on this machine but it has {torch.cuda.device_count()} CUDA devices; "
@@ -116,10 +125,11 @@ def make_accelerator(cfg: RunConfig):
 
 
 def param_hash(model) -> str:
+    """Hash of the full parameters (gathered when sharded: every process must call it)."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
+        h.update(full_tensor(p.detach()).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -161,6 +171,8 @@ def train_step(model, data, accelerator, optimizer, cfg: RunConfig) -> StepResul
         mask = batch["attention_mask"].to(accelerator.device)
         n_tokens += int(batch["attention_mask"].sum())
         with accelerator.accumulate(model):
+            if sharded_here(accelerator, model):  # as accelerate's FSDP2 does: one reduce-scatter per optimiser step
+                model.set_requires_gradient_sync(accelerator.sync_gradients)
             out = model(input_ids, attention_mask=mask, labels=input_ids)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
@@ -177,7 +189,8 @@ def reduce_metrics(accelerator, result: StepResult, lr: float, elapsed: float) -
     """Loss terms averaged over micro-batches and processes, grad norm, lr, throughput: one host sync."""
     names = sorted(result.terms[0])
     local = torch.stack([torch.stack([t[n].float() for n in names]) for t in result.terms]).mean(0)
-    grad_norm = result.grad_norm if result.grad_norm is not None else torch.zeros((), device=local.device)
+    # Under FSDP2 the clipped norm is a replicated DTensor; its local value is the whole norm.
+    grad_norm = full_tensor(result.grad_norm) if result.grad_norm is not None else torch.zeros((), device=local.device)
     extra = torch.stack([grad_norm.float().to(local.device), torch.tensor(float(result.n_tokens), device=local.device)])
     values = accelerator.reduce(torch.cat([local, extra]), "mean").tolist()
     metrics = dict(zip(names, values[: len(names)]))
@@ -213,7 +226,7 @@ def export_model(accelerator, model, tokenizer, out_dir: Path, config_yaml: str,
     """``save_pretrained`` the FULL model (gathered under FSDP / ZeRO-3) into ``output_dir/final``."""
     export_dir = out_dir / "final"
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(model) if sharded_here(accelerator, model) else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(export_dir)
@@ -221,6 +234,21 @@ def export_model(accelerator, model, tokenizer, out_dir: Path, config_yaml: str,
         bar.write(f"exported {export_dir} (rank {accelerator.process_index})")
         sys.stdout.flush()
     return export_dir
+
+
+def resume_on_other_world_size(state: dict, cfg: RunConfig, step: int, rank: int, world: int) -> None:
+    """A checkpoint of another process count: the data continues at the same window of the global
+    order (data.py); per-process RNG streams cannot be mapped, so thought sampling is re-seeded from
+    (seed, step, rank) -- not from the run's start, which would replay its first steps' draws."""
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
+    written = state["data"]
+    if "grad_accum" in written and "batch_size" in written:
+        before = written["batch_size"] * state["world_size"] * written["grad_accum"]
+        now = cfg.optim.batch_size * world * cfg.optim.grad_accum
+        if before != now:
+            warnings.warn(f"windows per optimiser step (batch_size x processes x grad_accum) were {before}, now {now}: "
+                          f"the windows come in the same order but are grouped into other steps; keep the product at {before} "
+                          "(e.g. double optim.grad_accum when halving the processes) to keep the steps", UserWarning, stacklevel=2)
 
 
 def train(cfg: RunConfig, on_step=None) -> dict:
@@ -254,12 +282,29 @@ def train(cfg: RunConfig, on_step=None) -> dict:
         model = model.base_lm
     data = build_dataset(cfg.data, tokenizer, batch_size=cfg.optim.batch_size, rank=rank, world_size=world, seed=cfg.seed)
 
+    fsdp_plan, shards = cpu_fsdp_plan(), None
+    if fsdp_plan is not None:  # before the optimiser: fully_shard swaps the parameters for DTensor shards
+        if not torch.distributed.is_initialized():
+            raise ConfigError("an FSDP run needs a distributed launch: quietstar-train --accelerate-config FILE, "
+                              "accelerate launch or torchrun")
+        if on_step is not None:  # it runs the model on the main process alone: the others would never all-gather
+            raise ConfigError("periodic evaluation (on_step) needs every process's shards; run experiments without FSDP")
+        shard_model(model, fsdp_plan)
+        # The root returns views (logits slices); the loop only reads the outputs, never writes them in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
+        shards = shard_summary(model)
+        accelerator.print(f"FSDP2 on CPU (fully_shard, {world} processes): {len(shards['units'])} units {shards['units']}; "
+                          f"rank 0 holds {shards['local_numel']} of {shards['numel']} parameter elements")
+
     optimizer = make_optimizer(model, cfg, accelerator.device.type)
     # Not prepared by accelerate: its scheduler wrapper steps num_processes times per optimiser step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.steps, cfg.optim.min_lr_ratio)
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp_plan is not None:  # the model is already sharded; accelerate would wrap it in DDP
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
     step = 0
@@ -267,9 +312,12 @@ def train(cfg: RunConfig, on_step=None) -> dict:
     torch.manual_seed(cfg.seed + 1 + rank)  # thought sampling differs across processes
     if resume is not None:
         state = load_checkpoint(accelerator, resume, model=model, optimizer=optimizer, scheduler=scheduler)
-        data.load_state_dict(state["data"])
+        data.load_state_dict({"world_size": state["world_size"], **state["data"]})
         step = state["step"]
-        accelerator.print(f"resumed from {resume} at step {step} (data position {data.position})")
+        if state["world_size"] != world:
+            resume_on_other_world_size(state, cfg, step, rank, world)
+        where = f"window {data.windows_consumed} of the global order" if hasattr(data, "windows_consumed") else f"micro-batch {data.position}"
+        accelerator.print(f"resumed from {resume} at step {step} (data: {where})")
     if step >= cfg.optim.steps:
         accelerator.print(f"nothing to do: already at step {step} of {cfg.optim.steps}")
 
@@ -302,9 +350,11 @@ def train(cfg: RunConfig, on_step=None) -> dict:
                 accelerator.log(metrics, step=step)
                 print_step(bar, step, cfg.optim.steps, metrics, accelerator.is_main_process)
             if trace is not None:
-                trace.write(json.dumps({"step": step, "rank": rank, "sample_ids": result.sample_ids,
-                                        "loss": float(result.terms[-1]["loss"]), "param_hash": param_hash(unwrapped),
-                                        "metrics": metrics}) + "\n")
+                record = {"step": step, "rank": rank, "sample_ids": result.sample_ids,
+                          "loss": float(result.terms[-1]["loss"]), "param_hash": param_hash(unwrapped), "metrics": metrics}
+                if shards is not None:  # what this process holds: tests check the model is really sharded
+                    record["shards"] = shard_summary(model)
+                trace.write(json.dumps(record) + "\n")
                 trace.flush()
         bar.update(1)
         if on_step is not None and accelerator.is_main_process:
@@ -313,7 +363,8 @@ def train(cfg: RunConfig, on_step=None) -> dict:
             dump_thoughts(accelerator, bar, tokenizer, result, step, out_dir, cfg.logging.n_thoughts, unwrapped.config.n_passes)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save_checkpoint(accelerator, out_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            data_state=data.state_dict(), config_yaml=config_yaml, keep=cfg.checkpoint.keep)
+                            data_state={**data.state_dict(), "grad_accum": cfg.optim.grad_accum},
+                            config_yaml=config_yaml, keep=cfg.checkpoint.keep)
     bar.close()
     if trace is not None:
         trace.close()
