@@ -3,6 +3,7 @@
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/step_vs_length.py                  # L = 64..1024
     python benchmarks/step_vs_length.py --lengths 256 --steps 3                       # one point
     python benchmarks/step_vs_length.py --tree base=/path/to/old/checkout --tree new=.  # before/after
+    python benchmarks/step_vs_length.py --official /tmp/official-deps:/tmp/official-stubs  # + the official code
 
 The model is the issue's tiny Mistral (hidden 256, 2 layers, 4 heads, vocab 514, random weights,
 sliding window off); Quiet-STaR with N = 9, K = 4, P = 2 (S = N + K + 1 = 14), batch 1, fp32. A
@@ -15,7 +16,9 @@ under the same load. Kinds:
 * ``plain``: the base model alone (SDPA attention), ``labels = input_ids``;
 * ``quietstar``: the full step (no-grad thought sampling, then the replay with grad, losses);
 * ``given``: the same step with the thoughts given (``thought_ids=``), i.e. without the sampling
-  pass: an upper bound on what removing the sampling pass's cost could gain.
+  pass: an upper bound on what removing the sampling pass's cost could gain;
+* ``official`` (with ``--official PYTHONPATH``): the official code's step on the same model shape,
+  run by ``benchmarks/official_step.py`` from a transformers 4.37 install outside the repository.
 
 FLOP model (``flop_ratio``; element-wise work, the mixing head and norms left out). With ``M`` the
 matmul FLOPs of one token through the decoder layers (2 x their weights), ``A = 4 x hidden x layers``
@@ -121,16 +124,19 @@ def flop_ratio(L: int) -> float:
 
 
 def run_point(tree: str, kind: str, length: int, args) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    """``tree`` is the PYTHONPATH of the worker: a checkout of this project, or the official install."""
+    official = kind == "official"
+    pythonpath = tree if official else os.path.abspath(tree)
+    env = dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    script = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_step.py")] if official else [__file__, "--worker"]
     results = []
     for _ in range(args.repeats):
         spec = dict(kind=kind, length=length, steps=args.steps, threads=args.threads)
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, *script, json.dumps(spec)], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{kind} at L={length} from {tree} failed:\n{proc.stderr[-3000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        if not result["quietstar_file"].startswith(os.path.abspath(tree)):
+        if not official and not result["quietstar_file"].startswith(os.path.abspath(tree)):
             raise SystemExit(f"worker imported {result['quietstar_file']}, not the tree {tree}: check PYTHONPATH")
         results.append(result)
     return dict(step_s=statistics.median(r["step_s"] for r in results),
@@ -156,6 +162,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="plain,quietstar,given")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process (after one warm-up)")
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes per point")
+    parser.add_argument("--official", help="PYTHONPATH of the official code's install (official_step.py); omit to skip it")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: with 2 threads a loaded machine makes OpenMP stall, 8x slower here)")
     args = parser.parse_args()
     if args.worker:
@@ -169,6 +176,9 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = {}
     for L in lengths:  # trees interleaved per point, so a change of load hits both alike
+        if args.official:
+            rows["official", L] = run_point(args.official, "official", L, args)
+            print(f"# official L={L}: {rows['official', L]}", file=sys.stderr, flush=True)
         for name, tree in trees.items():
             for kind in kinds:
                 rows[name, L, kind] = run_point(tree, kind, L, args)
@@ -183,17 +193,20 @@ def main() -> None:
     for name in trees:
         print(f"**{name}** ({trees[name]})\n")
         print("| L | Quiet-STaR s | plain s | cost ratio | FLOP ratio | cost / FLOP | given thoughts s (no sampling) "
-              "| no-sampling gain | peak MB | plain peak MB | above plain MB | load |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| no-sampling gain | peak MB | plain peak MB | above plain MB | official s | speed-up vs official "
+              "| official peak MB | load |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for L in lengths:
             qs, plain, given = (rows.get((name, L, k)) for k in ("quietstar", "plain", "given"))
             if qs is None or plain is None:
                 continue
             cost, flops = qs["step_s"] / plain["step_s"], flop_ratio(L)
             g = f"{given['step_s']:.3f} | {100 * (1 - given['step_s'] / qs['step_s']):.0f}%" if given else "- | -"
+            off = rows.get(("official", L))
+            o = f"{off['step_s']:.3f} | {off['step_s'] / qs['step_s']:.2f}x | {off['peak_mb']:.0f}" if off else "- | - | -"
             print(f"| {L} | {qs['step_s']:.3f} | {plain['step_s']:.4f} | {cost:.1f}x | {flops:.1f}x | {cost / flops:.2f} "
                   f"| {g} | {qs['peak_mb']:.0f} | {plain['peak_mb']:.0f} | {qs['peak_mb'] - plain['peak_mb']:.0f} "
-                  f"| {qs['load']:.1f} |")
+                  f"| {o} | {qs['load']:.1f} |")
         print()
     if len(trees) > 1:
         first, *others = list(trees)
