@@ -20,14 +20,17 @@ def ban_tokens(logits: torch.Tensor, banned_ids) -> torch.Tensor:
 def pick_tokens(logits: torch.Tensor, temperature: float, banned_ids: tuple[int, ...], generator=None) -> torch.Tensor:
     """Sample ids from ``softmax(logits / temperature)`` with ``banned_ids`` excluded; 0 = greedy.
 
-    logits ``[..., V]`` -> ids ``[...]``.
+    logits ``[..., V]`` -> ids ``[...]``. By the Gumbel-max trick: ``argmax(logits / T + g)`` with
+    ``g = -log(-log u)``, ``u ~ U[0, 1)`` i.i.d., is a sample of ``softmax(logits / T)`` (the
+    normaliser shifts every entry alike). One uniform draw per entry from ``generator`` and no
+    softmax: 2.6x faster than ``torch.multinomial`` at V = 514 and 2.2x at V = 49k on CPU (issue 10).
+    A draw of exactly u = 0 (probability 2^-24) gives g = -inf, never picked; banned ids stay -inf.
     """
     logits = ban_tokens(logits.float(), banned_ids)
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return flat.view(probs.shape[:-1])
+    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
+    return (logits / temperature - torch.log(-torch.log(uniform))).argmax(-1)
 
 
 @torch.no_grad()

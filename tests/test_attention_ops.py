@@ -1,9 +1,22 @@
-"""quietstar_torch against the dense oracle: outputs and gradients w.r.t. q, k, v."""
+"""quietstar_torch against the dense oracle: outputs and gradients w.r.t. q, k, v.
+
+quietstar_torch has two implementations: on CPU torch's flash-attention kernel (``cpu_flash``), and
+the chunked decomposition (every other device); both are checked here on CPU.
+"""
 
 import pytest
 import torch
 
+import quietstar.ops.torch_path as tp
 from quietstar.ops import plain_causal_attention, thought_attention_reference, thought_attention_torch
+
+IMPLEMENTATIONS = ("cpu_flash", "chunked")
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request, monkeypatch):
+    monkeypatch.setattr(tp, "USE_CPU_FLASH", request.param == "cpu_flash")
+    return request.param
 
 # (B, Hq, Hkv, L, n_key_steps, n_query_steps, D, padding)
 SHAPES = [
@@ -12,6 +25,8 @@ SHAPES = [
     (1, 2, 1, 20, 16, 16, 8, None),  # S = 15, MQA
     (2, 6, 3, 9, 15, 1, 16, "left"),  # cached sampling step: one query step, 15 key steps
     (3, 2, 2, 1, 5, 5, 4, "right"),  # L = 1
+    (2, 4, 2, 11, 6, 3, 8, "left"),  # cached call with several query steps (1 < nq < nk)
+    (2, 2, 1, 10, 3, 3, 8, "all"),  # one batch row entirely padding
 ]
 ATOL = 2e-5  # fp32 inputs, fp32 math on both sides
 
@@ -25,7 +40,9 @@ def _inputs(B, Hq, Hkv, L, nk, nq, D, padding, seed):
     if padding:
         pad = torch.ones(B, L, dtype=torch.bool)
         n = min(3, L - 1) if L > 1 else 0
-        if n:
+        if padding == "all":
+            pad[0] = False
+        elif n:
             if padding == "left":
                 pad[0, :n] = False
             else:
@@ -34,7 +51,7 @@ def _inputs(B, Hq, Hkv, L, nk, nq, D, padding, seed):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_H{}-{}_L{}_nk{}_nq{}_D{}_{}".format(*s))
-def test_torch_path_matches_reference(shape):
+def test_torch_path_matches_reference(shape, implementation):
     B, Hq, Hkv, L, nk, nq, D, padding = shape
     q, k, v, pad = _inputs(*shape, seed=sum(shape[:7]))
     scale = 0.3
@@ -54,15 +71,23 @@ def test_torch_path_matches_reference(shape):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
-def test_torch_path_chunking_is_exact(monkeypatch):
-    """Force many tiny chunks: the result must not depend on the chunk length."""
-    import quietstar.ops.torch_path as tp
-
-    q, k, v, pad = _inputs(2, 2, 1, 23, 4, 4, 8, "left", seed=3)
-    whole = thought_attention_torch(q, k, v, base_len=23, key_padding_mask=pad)
-    monkeypatch.setattr(tp, "_CHUNK_SCORE_ELEMENTS", 1)
-    chunked = thought_attention_torch(q, k, v, base_len=23, key_padding_mask=pad)
+@pytest.mark.parametrize("chunk", [1, 4, 5, 24], ids=lambda c: f"chunk{c}")
+def test_chunked_path_does_not_depend_on_the_chunk(monkeypatch, chunk):
+    """Chunk lengths that divide L = 24 (4), do not (5), one row (1) and the whole L: same out and grads."""
+    monkeypatch.setattr(tp, "USE_CPU_FLASH", False)
+    B, Hq, Hkv, L, S = 2, 2, 1, 24, 3
+    q, k, v, pad = _inputs(B, Hq, Hkv, L, S + 1, S + 1, 8, "left", seed=3)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)) * pad.repeat(1, S + 1)[:, None, :, None]
+    whole = thought_attention_torch(q, k, v, base_len=L, key_padding_mask=pad)
+    whole_grads = torch.autograd.grad(whole, (q, k, v), grad_out)
+    rows_per_chunk = B * Hkv * (Hq // Hkv) * (S + 1)  # the "batch_heads_rows" of _chunk_len
+    monkeypatch.setattr(tp, "_CHUNK_SCORE_ELEMENTS", chunk * rows_per_chunk * L)
+    assert tp._chunk_len(rows_per_chunk, L) == chunk
+    chunked = thought_attention_torch(q, k, v, base_len=L, key_padding_mask=pad)
+    grads = torch.autograd.grad(chunked, (q, k, v), grad_out)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, whole_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_plain_causal_matches_sdpa_with_cache_offset():

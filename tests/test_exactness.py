@@ -83,7 +83,11 @@ def test_reference_and_torch_paths_agree_in_the_model(arch):
     torch.testing.assert_close(fast[0], ref[0], atol=1e-5, rtol=1e-5)
     assert fast[1].keys() == ref[1].keys() and any("mixing_head" in n for n in ref[1])
     for name in ref[1]:
-        torch.testing.assert_close(fast[1][name], ref[1][name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        # Absolute tolerance on each gradient's own scale: the delimiter gradients reach ~600 (the x100
+        # embedding_scale), where fp32 rounding alone is ~1e-4 absolute on either path (against an fp64
+        # run, both paths are off by ~3e-7 of the largest entry; issue 10).
+        atol = 1e-5 * max(1.0, ref[1][name].abs().max().item())
+        torch.testing.assert_close(fast[1][name], ref[1][name], atol=atol, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_base_lm_alone_is_the_plain_base_model():

@@ -1,0 +1,234 @@
+"""Training step vs sequence length (issue 10): a Quiet-STaR step against a plain step of the same model.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/step_vs_length.py                  # L = 64..1024
+    python benchmarks/step_vs_length.py --lengths 256 --steps 3                       # one point
+    python benchmarks/step_vs_length.py --tree base=/path/to/old/checkout --tree new=.  # before/after
+    python benchmarks/step_vs_length.py --official /tmp/official-deps:/tmp/official-stubs  # + the official code
+
+The model is the issue's tiny Mistral (hidden 256, 2 layers, 4 heads, vocab 514, random weights,
+sliding window off); Quiet-STaR with N = 9, K = 4, P = 2 (S = N + K + 1 = 14), batch 1, fp32. A
+step is forward + backward (no optimiser), as in the issue's table. Every (tree, L, kind) point runs
+in its own fresh process (``--repeats`` of them; the median over processes of each process's median
+step), so its peak RSS (``ru_maxrss``) is that step's alone; the process imports ``quietstar`` from
+the tree it is given (``PYTHONPATH``), which is how one run compares two checkouts on one machine
+under the same load. Kinds:
+
+* ``plain``: the base model alone (SDPA attention), ``labels = input_ids``;
+* ``quietstar``: the full step (no-grad thought sampling, then the replay with grad, losses);
+* ``given``: the same step with the thoughts given (``thought_ids=``), i.e. without the sampling
+  pass: an upper bound on what removing the sampling pass's cost could gain;
+* ``official`` (with ``--official PYTHONPATH``): the official code's step on the same model shape,
+  run by ``benchmarks/official_step.py`` from a transformers 4.37 install outside the repository.
+
+FLOP model (``flop_ratio``; element-wise work, the mixing head and norms left out). With ``M`` the
+matmul FLOPs of one token through the decoder layers (2 x their weights), ``A = 4 x hidden x layers``
+FLOPs per visible (query, key) pair (``QK^T`` and ``PV``), ``E(L, nk, nq)`` the visible pairs
+(``quietstar.layout.useful_entries``), ``h = 2 x hidden x V`` per LM-head row, and backward = 2 x
+forward::
+
+    plain    = 3 [M L + A E(L, 1, 1) + h L]
+    replay   = 3 P [M (1+S) L + A E(L, 1+S, 1+S) + h (1 + K + N) L]       rows: base, talk, thought log-probs
+    sampling =   P [M (N+1) L + A sum_{s=0..N} E(L, s+1, 1) + h N L]     no grad: N+1 cached calls
+    flop_ratio = (replay + sampling) / plain
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+N_THOUGHT, N_TALK, N_PASSES = 9, 4, 2
+HIDDEN, LAYERS, HEADS, VOCAB, INTERMEDIATE = 256, 2, 4, 514, 1024
+
+# The issue's table (issue 10), measured by another session with the official code (transformers 4.37,
+# its own venv) and with this project at its commit of the time, median of 3 fresh processes.
+# Machine: AMD EPYC (AVX2), 2 threads, fp32. It cannot be rerun here (the official code is not part of
+# this repository), so it is quoted, never mixed with this machine's figures.
+OFFICIAL = {  # L: (official s, ours-then s, official peak MB, ours-then peak MB, plain s)
+    64: (0.753, 0.606, 566, 620, 0.024),
+    128: (1.493, 1.050, 770, 789, 0.034),
+    256: (3.863, 2.535, 1205, 1188, 0.06),
+    512: (11.79, 5.83, 2128, 1767, 0.13),
+    1024: (39.05, 12.50, 4448, 2851, 0.31),
+}
+
+
+def build_model(kind: str):
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                           num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                           max_position_embeddings=4096, sliding_window=None)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if kind == "plain":
+        return base.train()
+    from quietstar import QuietStarForCausalLM
+
+    return QuietStarForCausalLM.from_base(base, n_thought_tokens=N_THOUGHT, n_talk_tokens=N_TALK,
+                                          n_passes=N_PASSES).train()
+
+
+def worker(spec: dict) -> dict:
+    """One fresh process: build, warm up once, time ``steps`` steps; median step time and peak RSS."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    model = build_model(spec["kind"])
+    L = spec["length"]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (1, L), generator=g)
+    mask = torch.ones_like(ids)
+    thoughts = torch.randint(0, VOCAB, (1, L, N_THOUGHT), generator=g) if spec["kind"] == "given" else None
+    sampler = torch.Generator().manual_seed(2)
+
+    def step():
+        if spec["kind"] == "plain":
+            loss = model(ids, attention_mask=mask, labels=ids).loss
+        else:
+            loss = model(ids, attention_mask=mask, labels=ids, thought_ids=thoughts, generator=sampler).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return float(loss)
+
+    step()
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import quietstar
+
+    return dict(step_s=statistics.median(times), peak_mb=peak_mb, loss=loss, quietstar_file=quietstar.__file__)
+
+
+def flop_ratio(L: int) -> float:
+    from quietstar.layout import useful_entries
+
+    N, K, P, S = N_THOUGHT, N_TALK, N_PASSES, N_THOUGHT + N_TALK + 1
+    M = 2 * LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE)  # q, k, v, o and the gated MLP
+    A, h = 4 * HIDDEN * LAYERS, 2 * HIDDEN * VOCAB
+    plain = 3 * (M * L + A * useful_entries(L, 1) + h * L)
+    replay = 3 * P * (M * (1 + S) * L + A * useful_entries(L, 1 + S) + h * (1 + K + N) * L)
+    sampling = P * (M * (N + 1) * L + A * sum(useful_entries(L, s + 1, 1) for s in range(N + 1)) + h * N * L)
+    return (replay + sampling) / plain
+
+
+def run_point(tree: str, kind: str, length: int, args) -> dict:
+    """``tree`` is the PYTHONPATH of the worker: a checkout of this project, or the official install."""
+    official = kind == "official"
+    pythonpath = tree if official else os.path.abspath(tree)
+    env = dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    script = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_step.py")] if official else [__file__, "--worker"]
+    results = []
+    for _ in range(args.repeats):
+        spec = dict(kind=kind, length=length, steps=args.steps, threads=args.threads)
+        proc = subprocess.run([sys.executable, *script, json.dumps(spec)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{kind} at L={length} from {tree} failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if not official and not result["quietstar_file"].startswith(os.path.abspath(tree)):
+            raise SystemExit(f"worker imported {result['quietstar_file']}, not the tree {tree}: check PYTHONPATH")
+        results.append(result)
+    return dict(step_s=statistics.median(r["step_s"] for r in results),
+                peak_mb=statistics.median(r["peak_mb"] for r in results),
+                loss=results[0]["loss"], load=os.getloadavg()[0])
+
+
+def machine() -> str:
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--lengths", default="64,128,256,512,1024")
+    parser.add_argument("--tree", action="append", help="NAME=PATH of a checkout to import quietstar from (repeatable)")
+    parser.add_argument("--kinds", default="plain,quietstar,given")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=1, help="fresh processes per point")
+    parser.add_argument("--official", help="PYTHONPATH of the official code's install (official_step.py); omit to skip it")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: with 2 threads a loaded machine makes OpenMP stall, 8x slower here)")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = dict(t.split("=", 1) for t in (args.tree or [f"this={repo}"]))
+    lengths = [int(x) for x in args.lengths.split(",")]
+    kinds = args.kinds.split(",")
+    load_before = os.getloadavg()
+    rows = {}
+    for L in lengths:  # trees interleaved per point, so a change of load hits both alike
+        if args.official:
+            rows["official", L] = run_point(args.official, "official", L, args)
+            print(f"# official L={L}: {rows['official', L]}", file=sys.stderr, flush=True)
+        for name, tree in trees.items():
+            for kind in kinds:
+                rows[name, L, kind] = run_point(tree, kind, L, args)
+                print(f"# {name} L={L} {kind}: {rows[name, L, kind]}", file=sys.stderr, flush=True)
+    load_after = os.getloadavg()
+
+    print(f"\nMachine: {machine()}; torch threads {args.threads}; load average (1, 5, 15 min) "
+          f"{'/'.join(f'{x:.2f}' for x in load_before)} before, {'/'.join(f'{x:.2f}' for x in load_after)} after. "
+          f"Tiny Mistral (hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, intermediate {INTERMEDIATE}, vocab {VOCAB}), "
+          f"N={N_THOUGHT}, K={N_TALK}, P={N_PASSES}, batch 1, fp32; forward + backward; "
+          f"median of {args.steps} steps after a warm-up, {args.repeats} fresh process(es) per point.\n")
+    for name in trees:
+        print(f"**{name}** ({trees[name]})\n")
+        print("| L | Quiet-STaR s | plain s | cost ratio | FLOP ratio | cost / FLOP | given thoughts s (no sampling) "
+              "| no-sampling gain | peak MB | plain peak MB | above plain MB | official s | speed-up vs official "
+              "| official peak MB | load |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for L in lengths:
+            qs, plain, given = (rows.get((name, L, k)) for k in ("quietstar", "plain", "given"))
+            if qs is None or plain is None:
+                continue
+            cost, flops = qs["step_s"] / plain["step_s"], flop_ratio(L)
+            g = f"{given['step_s']:.3f} | {100 * (1 - given['step_s'] / qs['step_s']):.0f}%" if given else "- | -"
+            off = rows.get(("official", L))
+            o = f"{off['step_s']:.3f} | {off['step_s'] / qs['step_s']:.2f}x | {off['peak_mb']:.0f}" if off else "- | - | -"
+            print(f"| {L} | {qs['step_s']:.3f} | {plain['step_s']:.4f} | {cost:.1f}x | {flops:.1f}x | {cost / flops:.2f} "
+                  f"| {g} | {qs['peak_mb']:.0f} | {plain['peak_mb']:.0f} | {qs['peak_mb'] - plain['peak_mb']:.0f} "
+                  f"| {o} | {qs['load']:.1f} |")
+        print()
+    if len(trees) > 1:
+        first, *others = list(trees)
+        for other in others:
+            print(f"**{other} vs {first}** (same run): speed-up {first} s / {other} s, and the speed-up over the "
+                  f"official code chained through {first} (issue's official / issue's ours-then x {first} / {other})\n")
+            print("| L | speed-up | chained vs official | peak MB change |")
+            print("|---|---|---|---|")
+            for L in lengths:
+                a, b = rows.get((first, L, "quietstar")), rows.get((other, L, "quietstar"))
+                if a is None or b is None:
+                    continue
+                speed = a["step_s"] / b["step_s"]
+                chained = f"{OFFICIAL[L][0] / OFFICIAL[L][1] * speed:.2f}x" if L in OFFICIAL else "-"
+                print(f"| {L} | {speed:.2f}x | {chained} | {b['peak_mb'] - a['peak_mb']:+.0f} |")
+            print()
+    print("> Quoted from issue 10 (AMD EPYC, AVX2, 2 threads, fp32; the official code under transformers 4.37 "
+          "and this project at the time; another machine, not rerun here):\n>")
+    print("> | L | official s | ours then s | official peak MB | ours then peak MB | plain s |\n> |---|---|---|---|---|---|")
+    for L, (off, ours, off_mb, ours_mb, plain) in OFFICIAL.items():
+        print(f"> | {L} | {off} | {ours} | {off_mb} | {ours_mb} | {plain} |")
+
+
+if __name__ == "__main__":
+    main()
