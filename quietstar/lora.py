@@ -101,6 +101,11 @@ def apply_lora(model, lora_config) -> "QuietStarForCausalLM":  # noqa: F821
     config = copy.deepcopy(lora_config)
     _check_targets(model.base_lm, config)
     peft.inject_adapter_in_model(config, model.base_lm)
+    # Adapters in fp32 over bf16/fp16 base weights, as get_peft_model does (inject_adapter_in_model
+    # keeps the base dtype): Adam's small updates survive, and peft casts the inputs per layer.
+    from peft.functional import cast_adapter_dtype
+
+    cast_adapter_dtype(model.base_lm, "default", autocast_adapter_dtype=True)
     for p in trained_parameters(model).values():
         p.requires_grad_(True)
     return model
