@@ -212,3 +212,16 @@ def test_named_targets_adapt_only_those_layers():
     model = lora_model(targets=["q_proj", "v_proj"])
     adapted = {n.rsplit(".", 3)[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "v_proj"}
+
+
+def test_adapters_train_in_fp32_over_a_bf16_base():
+    """As get_peft_model does: fp32 adapters (Adam's small steps survive), the base and head stay bf16."""
+    model = QuietStarForCausalLM.from_base(tiny_base().to(torch.bfloat16), lora=peft.LoraConfig(r=4, target_modules="all-linear"),
+                                           **THOUGHTS)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    ids, mask, thoughts = batch()
+    out = model(ids, attention_mask=mask, labels=ids, thought_ids=thoughts)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
