@@ -100,3 +100,7 @@ def test_lora_control_run_exports_a_merged_plain_lm(tmp_path):
     train(load_config(TINY, _sets(out, "thinking=false", "optim.steps=1", "checkpoint.every=0")))
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert type(model).__name__ == "LlamaForCausalLM" and not has_lora(model)
+    saved = load_file(str(out / "final" / "model.safetensors"))
+    plain = tiny_random_llama(257, seed=0)
+    assert not any("lora_" in k or "base_layer" in k for k in saved)  # merged: the plain LM's own names
+    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], plain.model.layers[0].self_attn.q_proj.weight)
