@@ -104,3 +104,22 @@ def test_lora_control_run_exports_a_merged_plain_lm(tmp_path):
     plain = tiny_random_llama(257, seed=0)
     assert not any("lora_" in k or "base_layer" in k for k in saved)  # merged: the plain LM's own names
     assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], plain.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients():
+    """The recipe's LoRA + gradient checkpointing: frozen base layers recomputed, the same gradients."""
+    grads = {}
+    for checkpointing in ("false", "true"):
+        cfg = load_config(TINY, ["model.lora.r=4", f"model.gradient_checkpointing={checkpointing}"])
+        torch.manual_seed(0)  # the adapters' A matrices
+        model, _ = build_model(cfg.model, cfg.thought, seed=0)
+        with torch.no_grad():
+            for i, (name, p) in enumerate(n_p for n_p in model.named_parameters() if "lora_B" in n_p[0]):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        thoughts = torch.randint(0, 256, (2, 16, 3), generator=torch.Generator().manual_seed(1))
+        model(ids, labels=ids, thought_ids=thoughts).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads["true"].values()) and grads["true"].keys() == grads["false"].keys()
+    for name, grad in grads["false"].items():
+        torch.testing.assert_close(grads["true"][name], grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
