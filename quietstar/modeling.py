@@ -83,11 +83,13 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
         """Wrap a causal LM (a model or a path/hub id) with Quiet-STaR; base weights are kept as they are.
 
         ``thought_kwargs`` are :class:`QuietStarConfig` fields by name (``n_thought_tokens``,
-        ``n_talk_tokens``, ``n_passes``, ...); ``attn_implementation`` picks the thought attention path.
+        ``n_talk_tokens``, ``n_passes``, ...); ``attn_implementation`` picks the thought attention path;
+        ``lora=peft.LoraConfig(...)`` freezes the base weights and trains adapters (quietstar/lora.py).
         With a ``tokenizer`` the two delimiter tokens are added to it and their ids used; without,
         the ids are the two rows past the embedding table.
         """
         attn = check_attention_name(thought_kwargs.pop("attn_implementation", TORCH))
+        lora = thought_kwargs.pop("lora", None)
         allowed = {f.name for f in fields(QuietStarConfig)} - {"base_config", "start_thought_token_id", "end_thought_token_id"}
         for key in thought_kwargs:
             if key not in allowed:
@@ -122,7 +124,17 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
         with torch.no_grad():  # delimiters start as the embedding of "---" (docs/ALGORITHM.md)
             init = embedding.weight[torch.tensor(init_ids, device=embedding.weight.device)].mean(0)
             model.delimiter_embedding.init_delimiters(init)
+        if lora is not None:
+            from .lora import apply_lora
+
+            apply_lora(model, lora)
         return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        from .lora import check_no_adapters  # adapter layers rename the base weights: not a loadable checkpoint
+
+        check_no_adapters(self, "save_pretrained")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
         # Only our own head; the base model's modules are initialised (or loaded) by the base model.

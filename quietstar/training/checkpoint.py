@@ -7,7 +7,9 @@ size; a ``step-*`` folder whose files do not match is ignored with a warning too
 
 Contents (data-parallel runs; written by the main process only):
 
-    model.safetensors       full model state dict (tied/shared tensors stored once, aliases in state.json)
+    model.safetensors       full model state dict (tied/shared tensors stored once, aliases in state.json);
+                            a LoRA run stores only what it trains (adapters, mixing head, delimiters:
+                            "trainable_only" in state.json) and rebuilds the frozen base from model.path
     optimizer.safetensors   every tensor of the optimiser state ("state.<param index>.<name>")
     rng.safetensors         torch CPU (and CUDA) RNG state of every process ("rank<R>.cpu")
     state.json              step, data position, scheduler state, optimiser param groups and
@@ -34,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .sharding import load_sharded, save_sharded, sharded_here
+from ..lora import frozen_state_keys, has_lora, trainable_state_dict
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
@@ -146,10 +149,14 @@ def save_checkpoint(accelerator, output_dir, *, step: int, model, optimizer, sch
         model_state = None
     else:
         model_state = accelerator.get_state_dict(model)
+    trainable_only = has_lora(accelerator.unwrap_model(model))
+    if trainable_only and model_state is not None:
+        model_state = trainable_state_dict(accelerator.unwrap_model(model), model_state)
 
     if accelerator.is_main_process:
         state = {"format": FORMAT_VERSION, "step": step, "data": data_state, "world_size": accelerator.num_processes,
-                 "sharded": sharded, "sharded_with": sharded_with, "scheduler": scheduler.state_dict()}
+                 "sharded": sharded, "sharded_with": sharded_with, "scheduler": scheduler.state_dict(),
+                 "trainable_only": trainable_only}
         if not sharded:
             tensors, state["aliases"] = _dedupe(model_state)
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -248,6 +255,8 @@ def load_checkpoint(accelerator, path: Path, *, model, optimizer, scheduler) -> 
         tensors = load_file(str(path / "model.safetensors"))
         result = accelerator.unwrap_model(model).load_state_dict(tensors, strict=False)
         missing = set(result.missing_keys) - set(state["aliases"])
+        if state.get("trainable_only"):  # LoRA: the frozen base weights come from the rebuilt model
+            missing -= frozen_state_keys(accelerator.unwrap_model(model))
         if missing or result.unexpected_keys:
             raise ValueError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(result.unexpected_keys)[:5]}")

