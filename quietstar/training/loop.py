@@ -142,7 +142,10 @@ def train_step(model, data, accelerator, optimizer, cfg: RunConfig) -> StepResul
         mask = batch["attention_mask"].to(accelerator.device)
         n_tokens += int(batch["attention_mask"].sum())
         with accelerator.accumulate(model):
-            out = model(input_ids, attention_mask=mask, labels=input_ids)
+            # Training reads the loss, its terms and the thoughts, never the logits: the memory-light
+            # forward keeps no [B, L, K, V] tensor (issue 10). The control is a plain causal LM.
+            light = {"return_logits": False} if cfg.thinking else {}
+            out = model(input_ids, attention_mask=mask, labels=input_ids, **light)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
