@@ -149,3 +149,27 @@ def test_scores_without_labels_match_the_logits():
 def test_chunk_size_is_validated():
     with pytest.raises(ValueError, match="logits_chunk_elements"):
         QuietStarConfig(logits_chunk_elements=0)
+
+
+def test_under_bf16_autocast_and_gradient_checkpointing():
+    """The GPU recipe: bf16 autocast (the chunks' recompute in backward must run under it too) and the base
+    model's own gradient checkpointing around ours."""
+    model, (ids, mask, labels, thoughts) = _model(), _inputs("left")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    results = {}
+    for return_logits in (True, False):
+        model.config.logits_chunk_elements = B * P * K * VOCAB * 3
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, attention_mask=mask, labels=labels, thought_ids=thoughts, return_logits=return_logits)
+        out.loss.backward()
+        results[return_logits] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (full, full_grads), (light, light_grads) = results[True], results[False]
+    # bf16 logits rounded the same way row by row: only the matmuls' summation order may differ
+    torch.testing.assert_close(light.loss, full.loss, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(light.rewards, full.rewards, atol=2e-2, rtol=0)
+    assert full_grads.keys() == light_grads.keys()
+    for name, want in full_grads.items():
+        rel = (light_grads[name] - want).norm() / want.norm().clamp_min(1e-12)
+        assert rel < 2e-2, (name, rel.item())
