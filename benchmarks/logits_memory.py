@@ -25,7 +25,8 @@ the loss column must agree. Memory, on CPU, two ways:
   libraries, the allocator's unreturned pages): what the machine had to have.
 
 On CUDA the tensor peak is ``torch.cuda.max_memory_allocated`` above the step's start instead.
-The step time is the median of the unprofiled steps (the machine may be shared).
+The step time is the median of the unprofiled steps (the machine may be shared); with ``--steps 0``
+(CPU) the profiled step is the only one, and the time and RSS are its own (profiler overhead included).
 """
 
 from __future__ import annotations
@@ -83,24 +84,30 @@ def run_one(seq_len: int, path: str, chunk_elements: int, args, queue) -> None:
         tensor_peak = (torch.cuda.max_memory_allocated() - start_bytes) / 2**20
     else:
         model.zero_grad(set_to_none=True)  # outside the trace: the peak is above the weights alone
-        tensor_peak = profiled_tensor_peak(step) / 2**20
+        t0 = time.perf_counter()
+        tensor_peak, loss = profiled_tensor_peak(step)
+        tensor_peak /= 2**20
+        if not times:  # --steps 0: the profiled step is the process's only one; its time is the profiler's too
+            times.append(time.perf_counter() - t0)
+            rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put(dict(seq_len=seq_len, path=path, chunk=chunk_elements, loss=loss, step_s=statistics.median(times),
                    tensor_peak_mib=tensor_peak, rss_peak_mib=rss_peak,
                    device=torch.cuda.get_device_name() if cuda else cpu_name()))
 
 
-def profiled_tensor_peak(step) -> int:
-    """Max over the step of (bytes allocated - bytes freed) since it began, from the profiler's allocation trace."""
+def profiled_tensor_peak(step) -> tuple[int, float]:
+    """(max over the step of bytes allocated - bytes freed since it began, from the profiler's
+    allocation trace; the step's loss)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+        loss = step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:  # + allocation, - free
         live += nbytes
         peak = max(peak, live)
-    return peak
+    return peak, loss
 
 
 def cpu_name() -> str:
@@ -119,7 +126,8 @@ def main() -> None:
     parser.add_argument("--n-talk", type=int, default=4, help="K")
     parser.add_argument("--passes", type=int, default=2, help="P")
     parser.add_argument("--chunk-elements", default=str(1 << 24), help="comma-separated logits_chunk_elements for 'light'")
-    parser.add_argument("--steps", type=int, default=1, help="unprofiled steps per process (time: their median)")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="unprofiled steps per process (time: their median); CPU: 0 = only the profiled step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="keep every layer's activations (L = 256 then needs > 12 GB on CPU)")

@@ -67,7 +67,7 @@ def target_log_probs(base_logits: torch.Tensor, mixed_logits: torch.Tensor, targ
     return token_log_probs(base_logits, targets[:, :, 0]), token_log_probs(mixed_logits, targets)
 
 
-def rewards_from_log_probs(base_lp: torch.Tensor, mixed_lp: torch.Tensor, targets: torch.Tensor):
+def thought_rewards(base_lp: torch.Tensor, mixed_lp: torch.Tensor, targets: torch.Tensor):
     """REINFORCE rewards of the thoughts, ``(rewards [B, L], rewarded [B, L])``, from :func:`target_log_probs`.
 
     r_i = sum_k [log p_mixed(x_{i+1+k} | thought at i) - log p_base at position i+k (x_{i+1+k})], detached;
@@ -81,26 +81,7 @@ def rewards_from_log_probs(base_lp: torch.Tensor, mixed_lp: torch.Tensor, target
     return rewards, rewarded
 
 
-def thought_rewards(base_logits: torch.Tensor, mixed_logits: torch.Tensor, targets: torch.Tensor):
-    """``(rewards [B, L], rewarded [B, L], base_lp [B, L], mixed_lp [B, L, K])`` from full logits tensors."""
-    base_lp, mixed_lp = target_log_probs(base_logits, mixed_logits, targets)
-    return (*rewards_from_log_probs(base_lp, mixed_lp, targets), base_lp, mixed_lp)
-
-
 def quietstar_loss(
-    *,
-    base_logits: torch.Tensor,
-    mixed_logits: torch.Tensor,
-    targets: torch.Tensor,
-    **settings,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`quietstar_loss_from_log_probs` of base_logits ``[B, L, V]`` (predict x_{i+1}) and
-    mixed_logits ``[B, L, K, V]`` (predict x_{i+1+k})."""
-    base_lp, mixed_lp = target_log_probs(base_logits, mixed_logits, targets)
-    return quietstar_loss_from_log_probs(base_log_probs=base_lp, mixed_log_probs=mixed_lp, targets=targets, **settings)
-
-
-def quietstar_loss_from_log_probs(
     *,
     base_log_probs: torch.Tensor,
     mixed_log_probs: torch.Tensor,
@@ -122,7 +103,7 @@ def quietstar_loss_from_log_probs(
     valid = targets != IGNORE  # [B, L, K]
     K = targets.shape[-1]
     base_lp, mixed_lp = base_log_probs, mixed_log_probs
-    rewards, rewarded = rewards_from_log_probs(base_lp, mixed_lp, targets)
+    rewards, rewarded = thought_rewards(base_lp, mixed_lp, targets)
 
     nll_base = -_masked_mean(base_lp, valid[:, :, 0])
     nll_talk = -torch.stack([_masked_mean(mixed_lp[:, :, k], valid[:, :, k]) for k in range(K)]).mean()

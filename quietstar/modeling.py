@@ -27,8 +27,8 @@ from .layout import ThoughtLayout, base_position_ids, step_of
 from .chunked_log_probs import target_log_probs_chunked, thought_log_probs_chunked, thought_token_log_probs
 from .losses import (
     mix_logits,
-    quietstar_loss_from_log_probs,
-    rewards_from_log_probs,
+    quietstar_loss,
+    thought_rewards,
     shift_ahead,
     talk_targets,
     target_log_probs,
@@ -236,7 +236,7 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
 
         loss = advantages = loss_terms = None
         if labels is not None:
-            loss, rewards, advantages, loss_terms = quietstar_loss_from_log_probs(
+            loss, rewards, advantages, loss_terms = quietstar_loss(
                 base_log_probs=base_lp,
                 mixed_log_probs=mixed_lp,
                 thought_log_probs=self.thought_log_probs(hidden, thought_ids, chunked=not return_logits),
@@ -249,7 +249,7 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
             )
             loss_terms.update(mixing_weight_stats(mixing_weights.detach(), attention_mask))
         else:  # rewards of the thoughts against the input's own next tokens
-            rewards = rewards_from_log_probs(base_lp, mixed_lp, targets)[0]
+            rewards = thought_rewards(base_lp, mixed_lp, targets)[0]
 
         return QuietStarOutput(
             loss=loss,
