@@ -51,7 +51,11 @@ def run_one(seq_len: int, path: str, chunk_elements: int, args, queue) -> None:
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    model = QuietStarForCausalLM.from_base(smollm2_shape_random(), n_thought_tokens=args.n_thought,
+    base = smollm2_shape_random()
+    if args.layers < len(base.model.layers):  # same width and vocabulary, fewer layers: same logits, less compute
+        base.model.layers = base.model.layers[: args.layers]
+        base.config.num_hidden_layers = args.layers
+    model = QuietStarForCausalLM.from_base(base, n_thought_tokens=args.n_thought,
                                            n_talk_tokens=args.n_talk, n_passes=args.passes,
                                            logits_chunk_elements=chunk_elements).to(device).train()
     if args.gradient_checkpointing:
@@ -68,29 +72,31 @@ def run_one(seq_len: int, path: str, chunk_elements: int, args, queue) -> None:
         out.loss.backward()
         return out.loss.item()
 
-    times, rss_peak = [], None
+    times, cpu_times, rss_peak = [], [], None
     for _ in range(args.steps):
         model.zero_grad(set_to_none=True)  # every step allocates its gradients, as a first step does
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start_bytes = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         loss = step()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(cpu_seconds() - cpu0)
         if rss_peak is None:
             rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if cuda:
         tensor_peak = (torch.cuda.max_memory_allocated() - start_bytes) / 2**20
     else:
         model.zero_grad(set_to_none=True)  # outside the trace: the peak is above the weights alone
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         tensor_peak, loss = profiled_tensor_peak(step)
         tensor_peak /= 2**20
         if not times:  # --steps 0: the profiled step is the process's only one; its time is the profiler's too
             times.append(time.perf_counter() - t0)
+            cpu_times.append(cpu_seconds() - cpu0)
             rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(dict(seq_len=seq_len, path=path, chunk=chunk_elements, loss=loss, step_s=statistics.median(times),
+    queue.put(dict(seq_len=seq_len, path=path, chunk=chunk_elements, loss=loss, step_s=statistics.median(times), cpu_s=statistics.median(cpu_times),
                    tensor_peak_mib=tensor_peak, rss_peak_mib=rss_peak,
                    device=torch.cuda.get_device_name() if cuda else cpu_name()))
 
@@ -108,6 +114,12 @@ def profiled_tensor_peak(step) -> tuple[int, float]:
         live += nbytes
         peak = max(peak, live)
     return peak, loss
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads): on a shared machine, steadier than the wall clock."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_name() -> str:
@@ -129,6 +141,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1,
                         help="unprofiled steps per process (time: their median); CPU: 0 = only the profiled step")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=30, help="keep the first LAYERS of SmolLM2's 30 (logits unchanged)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run the paths of one L at the same time (memory is per process; compare CPU s, not wall s)")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="keep every layer's activations (L = 256 then needs > 12 GB on CPU)")
     args = parser.parse_args()
@@ -140,25 +155,30 @@ def main() -> None:
     rows = []
     for seq_len in [int(x) for x in args.seq_len.split(",")]:
         runs = [("full", 1 << 24)] + [("light", int(c)) for c in args.chunk_elements.split(",")]
-        for path, chunk in runs:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=run_one, args=(seq_len, path, chunk, args, queue))
-            proc.start()
-            proc.join()  # a small dict: it fits the queue's pipe, so joining first is safe
-            if proc.exitcode != 0:
-                raise SystemExit(f"the L = {seq_len} {path} step failed (exit code {proc.exitcode}); its traceback is above")
-            rows.append(queue.get(timeout=10))
-            print(rows[-1], flush=True)
-    print(f"\nSmolLM2-135M shape (vocab 49152), batch {args.batch}, N = {args.n_thought}, K = {args.n_talk}, "
+        batches = [runs] if args.parallel else [[run] for run in runs]
+        for batch in batches:
+            started = []
+            for path, chunk in batch:
+                queue = ctx.Queue()
+                proc = ctx.Process(target=run_one, args=(seq_len, path, chunk, args, queue))
+                proc.start()
+                started.append((path, proc, queue))
+            for path, proc, queue in started:
+                proc.join()  # a small dict: it fits the queue's pipe, so joining first is safe
+                if proc.exitcode != 0:
+                    raise SystemExit(f"the L = {seq_len} {path} step failed (exit code {proc.exitcode}); its traceback is above")
+                rows.append(queue.get(timeout=10))
+                print(rows[-1], flush=True)
+    print(f"\nSmolLM2-135M shape (vocab 49152, {args.layers} of 30 layers), batch {args.batch}, N = {args.n_thought}, K = {args.n_talk}, "
           f"P = {args.passes}, forward + backward, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; device = {rows[0]['device']}, threads = {args.threads}\n")
-    print("| L | path | logits_chunk_elements | tensor peak MiB | RSS peak MiB | step s | loss |")
-    print("|---|---|---|---|---|---|---|")
+    print("| L | path | logits_chunk_elements | tensor peak MiB | RSS peak MiB | step wall s | step CPU s | loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         full = next(r for r in rows if r["seq_len"] == row["seq_len"] and r["path"] == "full")
         ratio = "" if row is full else f" ({full['tensor_peak_mib'] / row['tensor_peak_mib']:.1f}x less)"
         chunk = "-" if row is full else f"{row['chunk']:,}"
         print(f"| {row['seq_len']} | {row['path']} | {chunk} | {row['tensor_peak_mib']:.0f}{ratio} | "
-              f"{row['rss_peak_mib']:.0f} | {row['step_s']:.2f} | {row['loss']:.6f} |")
+              f"{row['rss_peak_mib']:.0f} | {row['step_s']:.1f} | {row['cpu_s']:.1f} | {row['loss']:.6f} |")
 
 
 if __name__ == "__main__":
