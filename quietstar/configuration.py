@@ -13,6 +13,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from . import compat  # noqa: F401  (refuses a transformers older than the supported range)
 from .attention import THOUGHT_ATTENTION_NAMES, TORCH
+from .chunked_log_probs import DEFAULT_LOGITS_CHUNK_ELEMENTS
 from .layout import n_extra_steps
 
 START_THOUGHT_TOKEN = "<|startthought|>"
@@ -38,6 +39,10 @@ class QuietStarConfig(PreTrainedConfig):
             so under Adam their effective learning rate is this multiple of the optimiser's.
         start_thought_token_id / end_thought_token_id: the delimiter token ids.
         thought_attn_implementation: quietstar_torch (default), quietstar_triton or quietstar_reference.
+        logits_chunk_elements: memory-light forward (``return_logits=False``): the LM head's outputs are
+            computed and turned into log-probs this many logits elements at a time, and recomputed in
+            backward (quietstar/chunked_log_probs.py). Smaller saves memory, larger runs the head's
+            matmuls in fewer, larger pieces.
     """
 
     model_type = "quietstar"
@@ -61,6 +66,7 @@ class QuietStarConfig(PreTrainedConfig):
     start_thought_token_id: int | None = None
     end_thought_token_id: int | None = None
     thought_attn_implementation: str = TORCH
+    logits_chunk_elements: int = DEFAULT_LOGITS_CHUNK_ELEMENTS
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -92,6 +98,8 @@ class QuietStarConfig(PreTrainedConfig):
             problems.append(
                 f"thought_attn_implementation must be one of {THOUGHT_ATTENTION_NAMES}, got {self.thought_attn_implementation!r}"
             )
+        if self.logits_chunk_elements < 1:
+            problems.append(f"logits_chunk_elements must be >= 1, got {self.logits_chunk_elements}")
         ids = (self.start_thought_token_id, self.end_thought_token_id)
         if None not in ids and ids[0] == ids[1]:
             problems.append(f"start and end thought token ids must differ, both are {ids[0]}")

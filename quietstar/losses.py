@@ -46,26 +46,45 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
-def thought_rewards(base_logits: torch.Tensor, mixed_logits: torch.Tensor, targets: torch.Tensor):
-    """REINFORCE rewards of the thoughts, ``(rewards [B, L], rewarded [B, L], base_lp [B, L], mixed_lp [B, L, K])``.
+def mix_logits(base_logits: torch.Tensor, talk_logits: torch.Tensor, mixing_weights: torch.Tensor) -> torch.Tensor:
+    """Mixed prediction of x_{i+1+k}: ``(1 - w) * base logits at i+k + w * talk logits`` (ALGORITHM.md, "Predictions").
+
+    talk_logits ``[B, C, K, V]`` and mixing_weights ``[B, C, K]`` for positions i = a..a+C-1;
+    base_logits ``[B, C', V]`` for positions a..a+C'-1 with C' >= C (the K-1 positions past the
+    last i, where they exist, are the ones mixed in; past the end the base logits count as 0).
+    Returns ``[B, C, K, V]``. The full-tensor path passes a = 0, C' = C = L; the chunked path a chunk.
+    """
+    C, K = talk_logits.shape[1], talk_logits.shape[2]
+    w = mixing_weights[..., None].to(talk_logits.dtype)
+    return (1 - w) * shift_ahead(base_logits, K)[:, :C] + w * talk_logits
+
+
+def target_log_probs(base_logits: torch.Tensor, mixed_logits: torch.Tensor, targets: torch.Tensor):
+    """``(base_lp [B, L], mixed_lp [B, L, K])``: log p_base(x_{i+1}) and log p_mixed(x_{i+1+k} | thought at i).
+
+    0 where the target is ignored; fp32.
+    """
+    return token_log_probs(base_logits, targets[:, :, 0]), token_log_probs(mixed_logits, targets)
+
+
+def thought_rewards(base_lp: torch.Tensor, mixed_lp: torch.Tensor, targets: torch.Tensor):
+    """REINFORCE rewards of the thoughts, ``(rewards [B, L], rewarded [B, L])``, from :func:`target_log_probs`.
 
     r_i = sum_k [log p_mixed(x_{i+1+k} | thought at i) - log p_base at position i+k (x_{i+1+k})], detached;
     only positions whose K targets all exist are rewarded (0 elsewhere).
     """
     valid = targets != IGNORE  # [B, L, K]
     K = targets.shape[-1]
-    base_lp = token_log_probs(base_logits, targets[:, :, 0])  # [B, L]: log p_base(x_{i+1})
-    mixed_lp = token_log_probs(mixed_logits, targets)  # [B, L, K]: log p_mixed(x_{i+1+k} | thought at i)
     rewarded = valid.all(-1)  # [B, L]
     base_lp_ahead = shift_ahead(base_lp.detach(), K)  # [B, L, K]
     rewards = ((mixed_lp.detach() - base_lp_ahead) * valid).sum(-1) * rewarded
-    return rewards, rewarded, base_lp, mixed_lp
+    return rewards, rewarded
 
 
 def quietstar_loss(
     *,
-    base_logits: torch.Tensor,
-    mixed_logits: torch.Tensor,
+    base_log_probs: torch.Tensor,
+    mixed_log_probs: torch.Tensor,
     thought_log_probs: torch.Tensor,
     targets: torch.Tensor,
     n_passes: int,
@@ -76,13 +95,15 @@ def quietstar_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss, rewards ``[B, L]``, advantages ``[B, L]`` and the detached loss terms.
 
-    base_logits ``[B, L, V]`` (predict x_{i+1}); mixed_logits ``[B, L, K, V]`` (predict x_{i+1+k});
-    thought_log_probs ``[B, L, N]`` (log pi of each sampled thought token, at the REINFORCE
-    temperature); targets ``[B, L, K]``; passes of one sequence adjacent in B.
+    base_log_probs ``[B, L]`` and mixed_log_probs ``[B, L, K]`` of the targets (:func:`target_log_probs`
+    or its chunked twin, quietstar/chunked_log_probs.py); thought_log_probs ``[B, L, N]`` (log pi of
+    each sampled thought token, at the REINFORCE temperature); targets ``[B, L, K]``; passes of one
+    sequence adjacent in B.
     """
     valid = targets != IGNORE  # [B, L, K]
     K = targets.shape[-1]
-    rewards, rewarded, base_lp, mixed_lp = thought_rewards(base_logits, mixed_logits, targets)
+    base_lp, mixed_lp = base_log_probs, mixed_log_probs
+    rewards, rewarded = thought_rewards(base_lp, mixed_lp, targets)
 
     nll_base = -_masked_mean(base_lp, valid[:, :, 0])
     nll_talk = -torch.stack([_masked_mean(mixed_lp[:, :, k], valid[:, :, k]) for k in range(K)]).mean()

@@ -24,9 +24,17 @@ from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConf
 from .delimiters import ThoughtDelimiterEmbedding
 from .generation import ThinkingGenerationMixin
 from .layout import ThoughtLayout, base_position_ids, step_of
-from .losses import quietstar_loss, shift_ahead, talk_targets, thought_rewards
+from .chunked_log_probs import target_log_probs_chunked, thought_log_probs_chunked, thought_token_log_probs
+from .losses import (
+    mix_logits,
+    quietstar_loss,
+    thought_rewards,
+    shift_ahead,
+    talk_targets,
+    target_log_probs,
+)
 from .mixing import DEFAULT_INIT_STD, MixingHead
-from .sampling import ban_tokens, sample_thoughts
+from .sampling import sample_thoughts
 from .window import sliding_window
 
 register_attention_paths()
@@ -34,13 +42,19 @@ register_attention_paths()
 
 @dataclass
 class QuietStarOutput(ModelOutput):
-    """Outputs of :meth:`QuietStarForCausalLM.forward`; batch is ``B * n_passes`` (passes adjacent)."""
+    """Outputs of :meth:`QuietStarForCausalLM.forward`; batch is ``B * n_passes`` (passes adjacent).
+
+    The four logits tensors are ``None`` under ``forward(..., return_logits=False)``; the per-target
+    log-probs are there either way.
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # [B, L, V]     mixed prediction of x_{i+1}
     base_logits: torch.Tensor | None = None  # [B, L, V]     base prediction of x_{i+1}
     talk_logits: torch.Tensor | None = None  # [B, L, K, V]  post-thought prediction of x_{i+1+k}
     mixed_logits: torch.Tensor | None = None  # [B, L, K, V]  mixed prediction of x_{i+1+k}
+    base_log_probs: torch.Tensor | None = None  # [B, L]     log p_base(x_{i+1}); 0 where no target
+    mixed_log_probs: torch.Tensor | None = None  # [B, L, K]  log p_mixed(x_{i+1+k}); 0 where no target
     mixing_weights: torch.Tensor | None = None  # [B, L, K]
     thought_ids: torch.Tensor | None = None  # [B, L, N]
     rewards: torch.Tensor | None = None  # [B, L]  r_i before the baseline
@@ -175,12 +189,18 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
         labels: torch.Tensor | None = None,
         thought_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        return_logits: bool = True,
         **kwargs,
     ) -> QuietStarOutput:
         """Think at every position of ``input_ids`` ``[B, L]``; see :class:`QuietStarOutput`.
 
         ``labels`` ``[B, L]`` (HF convention: the model shifts; -100 ignored) switch on the loss.
         ``thought_ids`` ``[B, L, N]`` or ``[B * n_passes, L, N]`` replace sampling.
+        ``return_logits=False`` is the memory-light forward for training and scoring: no ``[B, L, V]``
+        or ``[B, L, K, V]`` logits are kept or returned (the four logits fields are ``None``); the
+        loss, rewards and ``base_log_probs`` / ``mixed_log_probs`` are computed from the hidden states
+        ``config.logits_chunk_elements`` logits at a time, the same values to fp32 rounding.
+        The log-probs (like the rewards) are detached when no ``labels`` are given.
         """
         cfg = self.config
         P, N, K = cfg.n_passes, cfg.n_thought_tokens, cfg.n_talk_tokens
@@ -209,21 +229,29 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
         hidden = self.replay(input_ids, attention_mask, position_ids, thought_ids)  # [B, 1+S, L, H]
         base_hidden = hidden[:, 0]  # [B, L, H]
         talk_hidden = hidden[:, step_of.talk(N, 0) : step_of.talk(N, K - 1) + 1].transpose(1, 2)  # [B, L, K, H]
-        base_logits = lm_head(base_hidden)  # [B, L, V]
-        talk_logits = lm_head(talk_hidden)  # [B, L, K, V]
-
         # w for (i, k) mixes the post-thought state with the base state at i+k, which predicts the same token.
         mixing_weights = self.mixing_head(shift_ahead(base_hidden, K), talk_hidden)  # [B, L, K]
-        w = mixing_weights[..., None].to(talk_logits.dtype)
-        mixed_logits = (1 - w) * shift_ahead(base_logits, K) + w * talk_logits  # [B, L, K, V]
+        targets = talk_targets(input_ids if labels is None else labels.repeat_interleave(P, 0), attention_mask, K)
+
+        base_logits = talk_logits = mixed_logits = None
+        if return_logits:
+            base_logits = lm_head(base_hidden)  # [B, L, V]
+            talk_logits = lm_head(talk_hidden)  # [B, L, K, V]
+            mixed_logits = mix_logits(base_logits, talk_logits, mixing_weights)  # [B, L, K, V]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and labels is not None):  # scores only, without labels
+            if return_logits:
+                base_lp, mixed_lp = target_log_probs(base_logits, mixed_logits, targets)
+            else:
+                base_lp, mixed_lp = target_log_probs_chunked(
+                    lm_head, base_hidden, talk_hidden, mixing_weights, targets, cfg.logits_chunk_elements
+                )
 
         loss = advantages = loss_terms = None
-        targets = talk_targets(input_ids if labels is None else labels.repeat_interleave(P, 0), attention_mask, K)
         if labels is not None:
             loss, rewards, advantages, loss_terms = quietstar_loss(
-                base_logits=base_logits,
-                mixed_logits=mixed_logits,
-                thought_log_probs=self.thought_log_probs(hidden, thought_ids),
+                base_log_probs=base_lp,
+                mixed_log_probs=mixed_lp,
+                thought_log_probs=self.thought_log_probs(hidden, thought_ids, chunked=not return_logits),
                 targets=targets,
                 n_passes=P,
                 base_loss_weight=cfg.base_loss_weight,
@@ -232,16 +260,17 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
                 clip_negative_advantages=cfg.clip_negative_advantages,
             )
             loss_terms.update(mixing_weight_stats(mixing_weights.detach(), attention_mask))
-        else:
-            with torch.no_grad():  # rewards of the thoughts against the input's own next tokens
-                rewards = thought_rewards(base_logits, mixed_logits, targets)[0]
+        else:  # rewards of the thoughts against the input's own next tokens
+            rewards = thought_rewards(base_lp, mixed_lp, targets)[0]
 
         return QuietStarOutput(
             loss=loss,
-            logits=mixed_logits[:, :, 0],
+            logits=None if mixed_logits is None else mixed_logits[:, :, 0],
             base_logits=base_logits,
             talk_logits=talk_logits,
             mixed_logits=mixed_logits,
+            base_log_probs=base_lp,
+            mixed_log_probs=mixed_lp,
             mixing_weights=mixing_weights,
             thought_ids=thought_ids,
             rewards=rewards,
@@ -271,18 +300,22 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
         ).last_hidden_state
         return hidden.view(B, n_steps, L, hidden.shape[-1])
 
-    def thought_log_probs(self, hidden: torch.Tensor, thought_ids: torch.Tensor) -> torch.Tensor:
+    def thought_log_probs(self, hidden: torch.Tensor, thought_ids: torch.Tensor, chunked: bool = False) -> torch.Tensor:
         """log pi(t_j) at the REINFORCE temperature, delimiters excluded: ``[B, L, N]``.
 
-        The hidden state at step j (sot for j = 1) predicts t_j. One step at a time keeps only one
-        ``[B, L, V]`` logits tensor live outside autograd's saved tensors.
+        The hidden state at step j (sot for j = 1) predicts t_j. Unchunked, one step at a time: each
+        step's ``[B, L, V]`` logits stay in autograd's saved tensors; ``chunked``, nothing V wide is
+        saved (``config.logits_chunk_elements`` logits at a time, recomputed in backward).
         """
-        lm_head, banned = self.get_output_embeddings(), self.banned_token_ids
-        log_probs = []
-        for j in range(1, self.config.n_thought_tokens + 1):
-            logits = lm_head(hidden[:, step_of.start_thought + j - 1]).float() / self.config.reinforce_temperature
-            logits = ban_tokens(logits, banned)
-            log_probs.append(torch.log_softmax(logits, -1).gather(-1, thought_ids[..., j - 1 : j]).squeeze(-1))
+        cfg, lm_head, banned = self.config, self.get_output_embeddings(), self.banned_token_ids
+        N, first = cfg.n_thought_tokens, step_of.start_thought
+        if chunked:
+            return thought_log_probs_chunked(lm_head, hidden[:, first : first + N], thought_ids,
+                                             cfg.reinforce_temperature, banned, cfg.logits_chunk_elements)
+        log_probs = [
+            thought_token_log_probs(lm_head(hidden[:, first + j]), thought_ids[..., j], cfg.reinforce_temperature, banned)
+            for j in range(N)
+        ]
         return torch.stack(log_probs, dim=-1)
 
     # ------------------------------------------------------------------ validation

@@ -128,16 +128,16 @@ def _score_batch(model, input_ids, attention_mask, seed: int) -> dict[str, torch
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = model(input_ids, attention_mask=attention_mask, generator=generator)
+    # The per-target log-probs are all this needs: the memory-light forward keeps no logits (issue 10).
+    # Its targets are the input's own next tokens, the same talk_targets as here.
+    out = model(input_ids, attention_mask=attention_mask, generator=generator, return_logits=False)
     B, L = input_ids.shape
     targets = talk_targets(input_ids, attention_mask, K)  # [B, L, K]; -100 where absent
-    next_token = targets[:, :, 0]
-    scored = next_token != IGNORE  # [B, L]
-    rep = next_token.repeat_interleave(P, 0)
+    scored = targets[:, :, 0] != IGNORE  # [B, L]
     return {
         "scored": scored,
-        "base": -token_log_probs(out.base_logits.view(B, P, L, -1)[:, 0], next_token),  # same for every pass
-        "thinking": -token_log_probs(out.logits, rep).view(B, P, L),
+        "base": -out.base_log_probs.view(B, P, L)[:, 0],  # same for every pass
+        "thinking": -out.mixed_log_probs[:, :, 0].view(B, P, L),
         "rewarded": (targets != IGNORE).all(-1),
         "reward": out.rewards.float().view(B, P, L),
         "weight": out.mixing_weights[..., 0].float().view(B, P, L),

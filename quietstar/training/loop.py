@@ -175,7 +175,10 @@ def train_step(model, data, accelerator, optimizer, cfg: RunConfig) -> StepResul
         with accelerator.accumulate(model):
             if sharded_here(accelerator, model):  # as accelerate's FSDP2 does: one reduce-scatter per optimiser step
                 model.set_requires_gradient_sync(accelerator.sync_gradients)
-            out = model(input_ids, attention_mask=mask, labels=input_ids)
+            # Training reads the loss, its terms and the thoughts, never the logits: the memory-light
+            # forward keeps no [B, L, K, V] tensor (issue 10). The control is a plain causal LM.
+            light = {"return_logits": False} if cfg.thinking else {}
+            out = model(input_ids, attention_mask=mask, labels=input_ids, **light)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
