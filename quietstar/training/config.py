@@ -109,7 +109,8 @@ class OptimConfig:
     lr: float = 1e-6
     # Multiples of lr for the two parts Quiet-STaR adds (1 = the reference: one lr for everything; the
     # delimiters already move embedding_scale times faster under Adam, see thought.embedding_scale).
-    # base_lr_scale 0 freezes the base LM's update (it still gets gradients; weight decay is scaled too).
+    # base_lr_scale covers the base LM's weights, or its LoRA adapters under model.lora; 0 freezes that
+    # part's update (it still gets gradients; weight decay is scaled too).
     base_lr_scale: float = 1.0
     mixing_head_lr_scale: float = 1.0
     delimiter_lr_scale: float = 1.0
