@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import ThoughtLayout
+from .lse_merge import finite_or_zero, merge_by_lse, non_differentiable_lse
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -34,10 +35,6 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 class _Problem:
@@ -127,24 +124,21 @@ class CpuFlashThoughtAttention(torch.autograd.Function):
             out_e, lse_e = p.from_extra(out_e), p.from_extra(lse_e)  # [B, Hq, nq', L, (D)]
             if key_padding_mask is not None:
                 lse_e = lse_e.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-            lse_b, out_b = lse[:, :, p.skip :], out[:, :, p.skip :]
-            lse_m = torch.logaddexp(lse_b, lse_e)
-            safe = _finite_or_zero(lse_m)
-            out[:, :, p.skip :] = torch.exp(lse_b - safe)[..., None] * out_b + torch.exp(lse_e - safe)[..., None] * out_e
-            lse[:, :, p.skip :] = lse_m
+            s = p.skip
+            out[:, :, s:], lse[:, :, s:] = merge_by_lse(out[:, :, s:], lse[:, :, s:], out_e, lse_e)
         ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
         ctx.base_len, ctx.scale = base_len, scale
-        return out.reshape(q.shape).to(q.dtype), lse.reshape(B, Hq, nq * L)
+        return out.reshape(q.shape).to(q.dtype), non_differentiable_lse(ctx, lse.reshape(B, Hq, nq * L))
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-        if grad_lse is not None and torch.any(grad_lse != 0):
-            raise NotImplementedError("quietstar_torch does not differentiate through the returned log-sum-exp")
+        if grad_out is None:  # the output was not used
+            return None, None, None, None, None, None
         p = _Problem(q, k, v, key_padding_mask, ctx.base_len)
         B, Hq, nq, L, D = p.B, p.Hq, p.nq, p.L, p.D
         d_out = grad_out.to(p.q.dtype).reshape(B, Hq, nq, L, D)
-        lse = _finite_or_zero(lse)  # rows that see nothing: every score is -inf, so p = 0 whatever lse is
+        lse = finite_or_zero(lse)  # rows that see nothing: every score is -inf, so p = 0 whatever lse is
         # The merged out and lse on both calls: see the module docstring for why that is exact.
         d_q, d_k_base, d_v_base = _flash_backward(
             d_out.reshape(B, Hq * nq, L, D), *p.base_qkv(), out.reshape(B, Hq * nq, L, D),

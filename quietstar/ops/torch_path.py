@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..layout import ThoughtLayout
 from .cpu_flash import CpuFlashThoughtAttention
+from .lse_merge import finite_or_zero, merge_by_lse, non_differentiable_lse
 from .reference import _check_qkv
 
 # Elements of fp32 scores per chunk (all batch x head slices together): 8 MiB. Small enough that
@@ -72,10 +73,6 @@ def _extra_scores(q_steps, k_extra, first_query_step, key_padding_mask, scale):
     return scores.masked_fill(~allowed, float("-inf"))
 
 
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-
-
 class _ThoughtAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, base_len, scale):
@@ -95,7 +92,7 @@ class _ThoughtAttention(torch.autograd.Function):
         for start in range(0, L, chunk):
             end = min(start + chunk, L)
             scores = _base_scores(q_rows[:, :, :, start:end], k_base, start, end, key_padding_mask, scale)
-            row_max = _finite_or_zero(scores.amax(-1, keepdim=True))
+            row_max = finite_or_zero(scores.amax(-1, keepdim=True))
             probs = torch.exp(scores - row_max)
             denom = probs.sum(-1)
             acc = (probs.reshape(B, Hkv, R * (end - start), end) @ v_base[:, :, :end]).view(B, Hkv, R, end - start, D)
@@ -110,16 +107,13 @@ class _ThoughtAttention(torch.autograd.Function):
             v_extra = v[:, :, L:].float().reshape(B, Hkv, ne, L, D)
             scores = _extra_scores(q_rows.view(B, Hkv, G, nq, L, D), k_extra, first_query_step, key_padding_mask, scale)
             lse_extra = torch.logsumexp(scores, dim=-1)
-            probs = torch.exp(scores - _finite_or_zero(lse_extra)[..., None])
+            probs = torch.exp(scores - finite_or_zero(lse_extra)[..., None])
             out_extra = torch.einsum("bhgsie,bheid->bhgsid", probs, v_extra)
-            lse_total = torch.logaddexp(lse, lse_extra)
-            safe = _finite_or_zero(lse_total)
-            out = torch.exp(lse - safe)[..., None] * out + torch.exp(lse_extra - safe)[..., None] * out_extra
-            lse = lse_total
+            out, lse = merge_by_lse(out, lse, out_extra, lse_extra)
 
         ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
         ctx.base_len, ctx.scale = L, scale
-        return out.reshape(B, Hq, Tq, D).to(q.dtype), lse.reshape(B, Hq, Tq)
+        return out.reshape(B, Hq, Tq, D).to(q.dtype), non_differentiable_lse(ctx, lse.reshape(B, Hq, Tq))
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
@@ -130,14 +124,14 @@ class _ThoughtAttention(torch.autograd.Function):
         first_query_step, n_key_steps = ThoughtLayout(L).steps(Tq, k.shape[2])
         G, nq, ne = Hq // Hkv, n_key_steps - first_query_step, n_key_steps - 1
         R = G * nq
-        if grad_lse is not None and torch.any(grad_lse != 0):
-            raise NotImplementedError("quietstar_torch does not differentiate through the returned log-sum-exp")
+        if grad_out is None:  # the output was not used
+            return None, None, None, None, None, None
 
         q_rows = q.float().reshape(B, Hkv, R, L, D)
         k_base, v_base = k[:, :, :L].float(), v[:, :, :L].float()
         d_out = grad_out.float().reshape(B, Hkv, R, L, D)
         out_rows = out.view(B, Hkv, R, L, D)
-        lse_rows = _finite_or_zero(lse).view(B, Hkv, R, L)
+        lse_rows = finite_or_zero(lse).view(B, Hkv, R, L)
         delta = (d_out * out_rows).sum(-1)  # [B, Hkv, R, L]: rowsum(dO * O), as in FlashAttention-2
 
         d_q = torch.zeros_like(q_rows)
