@@ -277,8 +277,8 @@ def train(cfg: RunConfig, on_step=None) -> dict:
     if cfg.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)
     accelerator = make_accelerator(cfg)
-    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") or cpu_fsdp_plan() is not None
-    if cfg.model.lora is not None and sharded:
+    fsdp_plan = cpu_fsdp_plan()  # FSDP2 on CPU: sharded by this loop, accelerate reports MULTI_CPU
+    if cfg.model.lora is not None and (accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") or fsdp_plan is not None):
         raise ConfigError("model.lora is for one process (or data parallel): LoRA under FSDP / DeepSpeed is not supported; "
                           "launch without --accelerate-config, or with a DDP one, or remove model.lora")
     from .models import build_model
@@ -300,7 +300,7 @@ def train(cfg: RunConfig, on_step=None) -> dict:
         model = model.base_lm
     data = build_dataset(cfg.data, tokenizer, batch_size=cfg.optim.batch_size, rank=rank, world_size=world, seed=cfg.seed)
 
-    fsdp_plan, shards = cpu_fsdp_plan(), None
+    shards = None
     if fsdp_plan is not None:  # before the optimiser: fully_shard swaps the parameters for DTensor shards
         if not torch.distributed.is_initialized():
             raise ConfigError("an FSDP run needs a distributed launch: quietstar-train --accelerate-config FILE, "
