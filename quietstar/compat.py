@@ -41,6 +41,11 @@ def cache_of(outputs_or_kwargs):
     return getattr(outputs_or_kwargs, CACHE_KWARG, None)
 
 
+def checkpointed_modules(model) -> list:
+    """The modules of ``model`` with gradient checkpointing switched on (the flag every version sets)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
 @contextlib.contextmanager
 def kv_cache_kept(model):
     """Keep the KV cache of ``model`` working without grad while gradient checkpointing is on.
@@ -50,7 +55,7 @@ def kv_cache_kept(model):
     """
     switched = []
     if not torch.is_grad_enabled():
-        switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        switched = checkpointed_modules(model)
     for module in switched:
         module.gradient_checkpointing = False
     try:
@@ -71,4 +76,4 @@ def check_transformers_version(version: str = transformers.__version__) -> None:
 
 check_transformers_version()
 
-__all__ = ["CACHE_KWARG", "MIN_TRANSFORMERS", "with_cache", "cache_of", "kv_cache_kept", "check_transformers_version"]
+__all__ = ["CACHE_KWARG", "MIN_TRANSFORMERS", "with_cache", "cache_of", "checkpointed_modules", "kv_cache_kept", "check_transformers_version"]

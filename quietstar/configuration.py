@@ -43,6 +43,14 @@ class QuietStarConfig(PreTrainedConfig):
             computed and turned into log-probs this many logits elements at a time, and recomputed in
             backward (quietstar/chunked_log_probs.py). Smaller saves memory, larger runs the head's
             matmuls in fewer, larger pieces.
+        thought_forward: how a forward that samples its thoughts computes the steps' hidden states.
+            "replay" (default): sample without grad (cached, one step per call), then feed all
+            (1+S)L tokens again with grad in ONE call, the large launch the Triton kernel is built for.
+            "incremental": sample with grad into the KV cache and feed only the last K + 1 steps
+            after it: no step is fed twice (about 18% fewer FLOPs at N 9, K 4), but N + 2 smaller
+            calls, keys kept per call for backward, and no gradient checkpointing.
+            Both give the same hidden states and loss to rounding; teacher-forced ``thought_ids``
+            always replay. benchmarks/RESULTS.md ("Replay or incremental") measures both.
     """
 
     model_type = "quietstar"
@@ -67,6 +75,7 @@ class QuietStarConfig(PreTrainedConfig):
     end_thought_token_id: int | None = None
     thought_attn_implementation: str = TORCH
     logits_chunk_elements: int = DEFAULT_LOGITS_CHUNK_ELEMENTS
+    thought_forward: Literal["replay", "incremental"] = "replay"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -100,6 +109,8 @@ class QuietStarConfig(PreTrainedConfig):
             )
         if self.logits_chunk_elements < 1:
             problems.append(f"logits_chunk_elements must be >= 1, got {self.logits_chunk_elements}")
+        if self.thought_forward not in ("replay", "incremental"):
+            problems.append(f"thought_forward must be 'replay' or 'incremental', got {self.thought_forward!r}")
         ids = (self.start_thought_token_id, self.end_thought_token_id)
         if None not in ids and ids[0] == ids[1]:
             problems.append(f"start and end thought token ids must differ, both are {ids[0]}")

@@ -34,8 +34,9 @@ from .losses import (
     target_log_probs,
 )
 from .mixing import DEFAULT_INIT_STD, MixingHead
-from .sampling import sample_thoughts
-from .window import sliding_window
+from .compat import checkpointed_modules, with_cache
+from .sampling import sample_thoughts, think_step_by_step
+from .window import full_kv_cache, sliding_window
 
 register_attention_paths()
 
@@ -209,24 +210,26 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
         position_ids = base_position_ids(attention_mask)
         lm_head = self.get_output_embeddings()
 
-        if thought_ids is None:
-            thought_ids = sample_thoughts(
-                self.base_lm.base_model,
-                lm_head,
-                input_ids,
-                attention_mask,
-                position_ids,
-                n_thought_tokens=N,
-                start_thought_id=cfg.start_thought_token_id,
-                temperature=cfg.thought_temperature,
-                banned_ids=self.banned_token_ids,
-                generator=generator,
-            )
-        elif thought_ids.shape[0] != input_ids.shape[0]:
-            thought_ids = thought_ids.repeat_interleave(P, 0)
-        thought_ids = thought_ids.to(input_ids.device)
-
-        hidden = self.replay(input_ids, attention_mask, position_ids, thought_ids)  # [B, 1+S, L, H]
+        if thought_ids is None and cfg.thought_forward == "incremental":
+            hidden, thought_ids = self.incremental(input_ids, attention_mask, position_ids, generator)
+        else:
+            if thought_ids is None:
+                thought_ids = sample_thoughts(
+                    self.base_lm.base_model,
+                    lm_head,
+                    input_ids,
+                    attention_mask,
+                    position_ids,
+                    n_thought_tokens=N,
+                    start_thought_id=cfg.start_thought_token_id,
+                    temperature=cfg.thought_temperature,
+                    banned_ids=self.banned_token_ids,
+                    generator=generator,
+                )
+            elif thought_ids.shape[0] != input_ids.shape[0]:
+                thought_ids = thought_ids.repeat_interleave(P, 0)
+            thought_ids = thought_ids.to(input_ids.device)
+            hidden = self.replay(input_ids, attention_mask, position_ids, thought_ids)  # [B, 1+S, L, H]
         base_hidden = hidden[:, 0]  # [B, L, H]
         talk_hidden = hidden[:, step_of.talk(N, 0) : step_of.talk(N, K - 1) + 1].transpose(1, 2)  # [B, L, K, H]
         # w for (i, k) mixes the post-thought state with the base state at i+k, which predicts the same token.
@@ -284,12 +287,8 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
         Steps: x, sot, t_1..t_N, eot, x_{i+1}..x_{i+K-1} (tokens past the end are placeholders that
         only feed predictions without targets).
         """
-        cfg = self.config
         B, L = input_ids.shape
-        start = torch.full_like(input_ids, cfg.start_thought_token_id)
-        end = torch.full_like(input_ids, cfg.end_thought_token_id)
-        future = shift_ahead(input_ids, cfg.n_talk_tokens, fill=0)[:, :, 1:].unbind(-1)  # x_{i+k}, k = 1..K-1
-        steps = [input_ids, start, *thought_ids.unbind(-1), end, *future]
+        steps = self._step_tokens(input_ids, thought_ids)
         n_steps = len(steps)  # 1 + S
         hidden = self.base_lm.base_model(
             input_ids=torch.cat(steps, dim=1),
@@ -299,6 +298,57 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
             thought_layout=ThoughtLayout(L, attention_mask.bool()),
         ).last_hidden_state
         return hidden.view(B, n_steps, L, hidden.shape[-1])
+
+    def incremental(self, input_ids, attention_mask, position_ids, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``incremental`` thought forward: sample WITH grad into a KV cache, no replay.
+
+        Steps 0..N are fed one call each (sampling t_1..t_N on the way, as :func:`sample_thoughts`
+        does), then t_N, eot and the K - 1 fed-back tokens in one call over the cache. Same hidden
+        states as :meth:`replay` on the sampled thoughts (to rounding), without feeding the N + 1
+        sampling steps twice; the cost is N + 2 smaller calls in forward and backward, and every
+        call's keys so far kept for backward. Returns (hidden ``[B, 1+S, L, H]``, thought ids ``[B, L, N]``).
+        """
+        cfg, decoder = self.config, self.base_lm.base_model
+        if torch.is_grad_enabled() and checkpointed_modules(decoder):
+            raise ValueError(
+                "thought_forward='incremental' keeps the KV cache in autograd, which gradient checkpointing "
+                "cannot recompute; set thought_forward='replay' (the default) or turn gradient checkpointing off"
+            )
+        B, L = input_ids.shape
+        N, n_steps = cfg.n_thought_tokens, 1 + cfg.n_extra_steps
+        cache = full_kv_cache()
+        thought_ids, sampled_hidden = think_step_by_step(
+            decoder,
+            self.get_output_embeddings(),
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            n_thought_tokens=N,
+            start_thought_id=cfg.start_thought_token_id,
+            temperature=cfg.thought_temperature,
+            banned_ids=self.banned_token_ids,
+            generator=generator,
+        )
+        rest = self._step_tokens(input_ids, thought_ids)[N + 1 :]  # t_N, eot, x_{i+1}..x_{i+K-1}
+        rest_hidden = decoder(
+            input_ids=torch.cat(rest, dim=1),
+            attention_mask=attention_mask.repeat(1, n_steps),
+            position_ids=torch.cat([position_ids + s for s in range(N + 1, n_steps)], dim=1),
+            use_cache=True,
+            thought_layout=ThoughtLayout(L, attention_mask.bool()),
+            **with_cache(cache),
+        ).last_hidden_state
+        hidden = torch.cat([torch.stack(sampled_hidden, dim=1), rest_hidden.view(B, len(rest), L, -1)], dim=1)
+        return hidden, thought_ids
+
+    def _step_tokens(self, input_ids, thought_ids) -> list[torch.Tensor]:
+        """The 1 + S steps' tokens, each ``[B, L]``: x, sot, t_1..t_N, eot, x_{i+1}..x_{i+K-1}."""
+        cfg = self.config
+        start = torch.full_like(input_ids, cfg.start_thought_token_id)
+        end = torch.full_like(input_ids, cfg.end_thought_token_id)
+        future = shift_ahead(input_ids, cfg.n_talk_tokens, fill=0)[:, :, 1:].unbind(-1)  # x_{i+k}, k = 1..K-1
+        return [input_ids, start, *thought_ids.unbind(-1), end, *future]
 
     def thought_log_probs(self, hidden: torch.Tensor, thought_ids: torch.Tensor, chunked: bool = False) -> torch.Tensor:
         """log pi(t_j) at the REINFORCE temperature, delimiters excluded: ``[B, L, N]``.

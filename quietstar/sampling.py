@@ -1,4 +1,5 @@
-"""Thought sampling: no grad, cached, one step of L tokens per call (DESIGN.md section 4)."""
+"""Thought sampling: cached, one step of L tokens per call (DESIGN.md section 4); without grad
+(``sample_thoughts``, then a replay) or with grad (the ``incremental`` thought forward)."""
 
 from __future__ import annotations
 
@@ -47,27 +48,46 @@ def sample_thoughts(
     banned_ids: tuple[int, ...],
     generator=None,
 ) -> torch.Tensor:
-    """Sample a thought at every position at once: ``[B, L]`` -> thought ids ``[B, L, N]``.
+    """Sample a thought at every position at once, without grad: ``[B, L]`` -> thought ids ``[B, L, N]``.
+
+    The ``replay`` thought forward (DESIGN.md section 4): the training forward then feeds every step
+    again, with grad, in one call.
+    """
+    return think_step_by_step(
+        decoder, lm_head, input_ids, attention_mask, position_ids, full_kv_cache(),
+        n_thought_tokens=n_thought_tokens, start_thought_id=start_thought_id, temperature=temperature,
+        banned_ids=banned_ids, generator=generator,
+    )[0]
+
+
+def think_step_by_step(
+    decoder,
+    lm_head,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache,
+    *,
+    n_thought_tokens: int,
+    start_thought_id: int,
+    temperature: float,
+    banned_ids: tuple[int, ...],
+    generator=None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Feed steps 0..N into ``cache``, sampling t_1..t_N on the way: -> (thought ids ``[B, L, N]``,
+    the hidden states of steps 0..N, each ``[B, L, H]``).
 
     Call s (s = 0..N) appends step s (base tokens, then ``<|startthought|>``, then t_1..t_{N-1}) of
     all L positions to the KV cache; the logits of call s >= 1 give t_s. The cache keeps every key
-    (a sliding-window layer would drop the flattened layout's keys: quietstar/window.py).
+    (a sliding-window layer would drop the flattened layout's keys: quietstar/window.py). Runs with
+    grad if grad is enabled (the ``incremental`` thought forward keeps the steps' activations and
+    the cache in autograd); the sampling itself never carries grad.
     """
-    B, L = input_ids.shape
-    layout = ThoughtLayout(L, attention_mask.bool())
-    cache = full_kv_cache()
+    layout = ThoughtLayout(input_ids.shape[1], attention_mask.bool())
+    hidden_states, thoughts = [], []
+    step_tokens = input_ids
     with kv_cache_kept(decoder):
-        decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            thought_layout=layout,
-            **with_cache(cache),
-        )
-        step_tokens = torch.full_like(input_ids, start_thought_id)
-        thoughts = []
-        for step in range(1, n_thought_tokens + 1):
+        for step in range(n_thought_tokens + 1):
             hidden = decoder(
                 input_ids=step_tokens,
                 attention_mask=attention_mask.repeat(1, step + 1),
@@ -76,6 +96,11 @@ def sample_thoughts(
                 thought_layout=layout,
                 **with_cache(cache),
             ).last_hidden_state
-            step_tokens = pick_tokens(lm_head(hidden), temperature, banned_ids, generator)
+            hidden_states.append(hidden)
+            if step == 0:
+                step_tokens = torch.full_like(input_ids, start_thought_id)
+                continue
+            with torch.no_grad():
+                step_tokens = pick_tokens(lm_head(hidden), temperature, banned_ids, generator)
             thoughts.append(step_tokens)
-    return torch.stack(thoughts, dim=-1)
+    return torch.stack(thoughts, dim=-1), hidden_states

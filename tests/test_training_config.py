@@ -72,6 +72,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
         (["model.path=./no/such/model"], "model.path './no/such/model' does not exist"),
         (["model.attn_implementation=sdpa"], "not a thought attention path"),
         (["resume=/no/such/checkpoint"], "resume"),
+        (["thought.thought_forward=incremental", "model.gradient_checkpointing=true"], "cannot recompute"),
     ],
 )
 def test_bad_inputs_fail_before_work(overrides, message, tmp_path, capsys):
@@ -192,8 +193,8 @@ def test_thought_settings_are_the_model_configs_fields_and_defaults():
     paper = dict(n_thought_tokens=9, n_talk_tokens=4, n_passes=2, thought_temperature=1.0, reinforce_temperature=3.0,
                  base_loss_weight=0.5, talk_loss_weight=0.5, policy_loss_weight=1e6, clip_negative_advantages=True,
                  mixing_head_activation="none", embedding_scale=100.0)
-    assert run_defaults == paper
-    assert {name: model_defaults[name] for name in paper} == paper
+    assert run_defaults == paper | {"thought_forward": "replay"}  # + how the step is scheduled (same values)
+    assert {name: model_defaults[name] for name in run_defaults} == run_defaults
 
 
 def test_thought_settings_are_validated_by_the_model_config():

@@ -73,6 +73,7 @@ CASES = {
     "S14_L37_leftright": (2, 2, 2, 37, 15, 15, 16, "left+right"),
     "cached_S14_L37_D64_gqa": (2, 4, 2, 37, 15, 1, 64, "left+right"),
     "cached_S1_L13": (1, 2, 1, 13, 2, 1, 16, "left"),
+    "cached_last5_of_15_L21": (1, 2, 1, 21, 15, 5, 16, "left"),  # thought_forward="incremental"'s last call
 }
 
 

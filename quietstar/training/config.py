@@ -72,6 +72,7 @@ class ThoughtConfig:
     talk_loss_weight: float = _MODEL_DEFAULTS["talk_loss_weight"]
     policy_loss_weight: float = _MODEL_DEFAULTS["policy_loss_weight"]
     clip_negative_advantages: bool = _MODEL_DEFAULTS["clip_negative_advantages"]
+    thought_forward: Literal["replay", "incremental"] = _MODEL_DEFAULTS["thought_forward"]  # QuietStarConfig's docstring
     # These two shape the weights (head, stored delimiter vectors): a loaded model keeps its own.
     mixing_head_activation: Literal["none", "sigmoid"] = field(default=_MODEL_DEFAULTS["mixing_head_activation"],
                                                                 metadata={"changes_weights": True})
@@ -395,6 +396,9 @@ def validate(cfg: RunConfig) -> None:
 
     if cfg.model.lora is not None:
         problems.extend(lora_problems(cfg.model.lora))
+    if t.thought_forward == "incremental" and cfg.model.gradient_checkpointing:
+        problems.append("thought.thought_forward = 'incremental' keeps the KV cache in autograd, which gradient "
+                        "checkpointing cannot recompute; use thought_forward: replay or model.gradient_checkpointing: false")
 
     from ..attention import THOUGHT_ATTENTION_NAMES
 
