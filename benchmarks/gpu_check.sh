@@ -6,8 +6,12 @@
 #   (e) whole-model step, quietstar_triton vs quietstar_torch (benchmarks/gpu_check/model_step.py)
 #   (d) benchmarks/attention_gpu.py, H 32 D 128 bf16, one process per (L, S), CSV out
 #   (g) benchmarks/train_throughput.py on SmolLM2-135M's shape (random weights), bf16 autocast, MFU
-# Writes $OUT/log.txt, $OUT/attention_gpu.csv and $OUT/throughput.txt ($OUT defaults to ./gpu_out).
-# Knobs: BUDGET=520 (s, all stages), BENCH_L, BENCH_S, SKIP_TESTS/SKIP_MODEL/SKIP_BENCH/SKIP_THROUGHPUT=1.
+#   (h) benchmarks/thought_forward.py: thought_forward replay vs incremental on the same shape
+#   (i) benchmarks/gpu_check/lora_7b_memory.py: train/configs/mistral7b_lora.yaml's step on Mistral-7B's shape
+# Stages run in the order c, e, g, h, d, i (most needed first: the budget may cut the last ones).
+# Writes $OUT/log.txt, attention_gpu.csv, throughput.txt, thought_forward.txt, lora_7b.txt ($OUT: ./gpu_out).
+# Knobs: BUDGET=520 (s, all stages), BENCH_L, BENCH_S, DESIGN_L, LORA_SHAPES,
+#        SKIP_TESTS/SKIP_MODEL/SKIP_THROUGHPUT/SKIP_DESIGNS/SKIP_BENCH/SKIP_LORA=1.
 #
 # Needs transformers >= the version pyproject.toml names (5.17, what common GPU images ship). For a missing or older
 # package: on a networked machine, `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME==X`
@@ -68,6 +72,24 @@ torch.cuda.get_device_capability())" || echo "!!! version probe failed"
     else echo "@@ e_model_step: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
   fi
 
+  if [[ ${SKIP_THROUGHPUT:-0} != 1 ]]; then
+    echo "=== (g) training throughput, SmolLM2-135M shape (random weights), bf16 autocast, L 256, B 4, N 9, K 4, P 2"
+    if ((full)); then
+      for attn in quietstar_triton quietstar_torch; do
+        stage g_throughput_$attn 90 $PY benchmarks/train_throughput.py --models smollm2-shape --seq-len 256 --batch 4 \
+          --n-thought 9 --n-talk 4 --passes 2 --steps 5 --warmup 2 --attn $attn 2>&1 | tee -a "$OUT/throughput.txt"
+      done
+    else echo "@@ g_throughput: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
+  fi
+
+  if [[ ${SKIP_DESIGNS:-0} != 1 ]]; then
+    echo "=== (h) thought forward, replay vs incremental: SmolLM2-135M shape, quietstar_triton, bf16 autocast, B 4"
+    if ((full)); then
+      stage h_thought_forward 120 $PY benchmarks/thought_forward.py --lengths ${DESIGN_L:-256,1024} --batch 4 \
+        --rounds 3 2>&1 | tee "$OUT/thought_forward.txt"
+    else echo "@@ h_thought_forward: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
+  fi
+
   if [[ ${SKIP_BENCH:-0} != 1 ]]; then
     echo "=== (d) benchmarks/attention_gpu.py, H 32 D 128 bf16, autotune on, one process per (L, S)"
     for L in ${BENCH_L:-1024 2048 4096}; do for S in ${BENCH_S:-8 16}; do
@@ -78,14 +100,11 @@ torch.cuda.get_device_capability())" || echo "!!! version probe failed"
     column -s, -t "$OUT/attention_gpu.csv" 2>/dev/null || cat "$OUT/attention_gpu.csv"
   fi
 
-  if [[ ${SKIP_THROUGHPUT:-0} != 1 ]]; then
-    echo "=== (g) training throughput, SmolLM2-135M shape (random weights), bf16 autocast, L 256, B 4, N 9, K 4, P 2"
+  if [[ ${SKIP_LORA:-0} != 1 ]]; then
+    echo "=== (i) train/configs/mistral7b_lora.yaml's step memory: Mistral-7B shape, random bf16 weights"
     if ((full)); then
-      for attn in quietstar_triton quietstar_torch; do
-        stage g_throughput_$attn 90 $PY benchmarks/train_throughput.py --models smollm2-shape --seq-len 256 --batch 4 \
-          --n-thought 9 --n-talk 4 --passes 2 --steps 5 --warmup 2 --attn $attn 2>&1 | tee -a "$OUT/throughput.txt"
-      done
-    else echo "@@ g_throughput: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
+      stage i_lora_7b 150 $PY $HERE/lora_7b_memory.py --shapes ${LORA_SHAPES:-4x256,4x1024} 2>&1 | tee "$OUT/lora_7b.txt"
+    else echo "@@ i_lora_7b: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
   fi
 
   echo "=== summary after $((SECONDS - T0))s"

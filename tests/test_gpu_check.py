@@ -17,7 +17,7 @@ def test_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
 
 
-@pytest.mark.parametrize("name", ["run_stub.py", "sweep_configs.py", "model_step.py"])
+@pytest.mark.parametrize("name", ["run_stub.py", "sweep_configs.py", "model_step.py", "lora_7b_memory.py"])
 def test_stage_scripts_compile(name):
     py_compile.compile(str(ROOT / "benchmarks" / "gpu_check" / name), doraise=True)
 

@@ -3,7 +3,9 @@
 1. fp32, head dim 16, fixed thoughts, row 0 left-padded: loss within 1e-5 and every parameter's
    gradient within 1e-3 relative norm (fp32 kernels use exact "ieee" dots).
 2. fp32 greedy thought sampling (the cached nq < nk kernel): at most 2% of real positions may sample
-   a different thought (ties and rounding can flip an argmax).
+   a different thought (ties and rounding can flip an argmax); then ``thought_forward="incremental"``
+   (grad through the cached calls) against the replay on the kernel: same thoughts, loss within 1e-5,
+   every gradient within 1e-3 relative norm.
 3. bf16, head dim 128, L = 1024, B = 2, P = 2, S = 13: loss within 2e-2 and median gradient
    rel-norm within 5e-2; then step times (median of 4 after 2 warm-ups) of the replay fwd+bwd and of
    the full step with sampling, per path.
@@ -80,6 +82,26 @@ real = mask.bool().repeat_interleave(2, 0)
 differ = (sampled[0] != sampled[1])[real].any(-1).float().mean().item()
 failures += differ > 0.02
 print(f"[fp32 greedy sampling, cached nq<nk kernel] positions with a different thought: {differ:.2%}", flush=True)
+
+# thought_forward="incremental" on the kernel: sampling with grad through the cached nq < nk calls
+# (backward included) against the replay, greedy thoughts (the same in both), triton both times.
+model.set_attn_implementation("quietstar_triton")
+designs = {}
+for design in ("replay", "incremental"):
+    model.config.thought_forward = design
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    designs[design] = out, {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
+model.config.thought_forward = "replay"
+(out_r, grad_r), (out_i, grad_i) = designs["replay"], designs["incremental"]
+same_thoughts = bool((out_r.thought_ids == out_i.thought_ids).all())
+loss_rel = abs(out_i.loss.item() - out_r.loss.item()) / abs(out_r.loss.item())
+rel = max(((grad_i[k] - grad_r[k]).norm() / grad_r[k].norm().clamp_min(1e-30)).item() for k in grad_r)
+ok = same_thoughts and grad_i.keys() == grad_r.keys() and loss_rel <= 1e-5 and rel <= 1e-3
+failures += not ok
+print(f"[fp32 incremental vs replay, triton] same thoughts {same_thoughts}; loss rel {loss_rel:.1e}; worst grad "
+      f"rel-norm {rel:.1e} -> {'OK' if ok else 'MISMATCH'}", flush=True)
 
 tk._AUTOTUNE = autotune
 model, ids, mask, thoughts = build(torch.bfloat16, 512, 1024)  # head dim 128; 14 * 1024 replay tokens per row
