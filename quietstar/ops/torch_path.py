@@ -28,17 +28,21 @@ from .cpu_flash import CpuFlashThoughtAttention
 from .lse_merge import finite_or_zero, merge_by_lse, non_differentiable_lse
 from .reference import _check_qkv
 
-# Elements of fp32 scores per chunk (all batch x head slices together): 8 MiB. Small enough that
-# the chunks skip most of the masked upper triangle of the L x L square even at L = 256 (16M made the
-# chunk the whole L up to L = 546: 10-13% slower on CPU, and 190-350 MiB more peak, issue 10).
+# Elements of fp32 scores per chunk (all batch x head slices together), by device. CPU (where this
+# path runs only with USE_CPU_FLASH off): 2M, so the chunks skip most of the masked upper triangle
+# of the L x L square even at L = 256 (16M made the chunk the whole L up to L = 546: 10-13% slower,
+# 190-350 MiB more peak; issue 10). GPU: 16M, fewer and larger launches (2M made the replay 3.9x
+# slower on an H100, benchmarks/torch_path_chunks.py).
 _CHUNK_SCORE_ELEMENTS = 1 << 21
+_CHUNK_SCORE_ELEMENTS_ACCELERATOR = 1 << 24
 
 # On CPU, use torch's flash-attention kernel (cpu_flash.py); tests switch it off to check the chunked path.
 USE_CPU_FLASH = True
 
 
-def _chunk_len(batch_heads_rows: int, base_len: int) -> int:
-    return max(1, min(base_len, _CHUNK_SCORE_ELEMENTS // max(1, batch_heads_rows * base_len)))
+def _chunk_len(batch_heads_rows: int, base_len: int, device_type: str = "cpu") -> int:
+    budget = _CHUNK_SCORE_ELEMENTS if device_type == "cpu" else _CHUNK_SCORE_ELEMENTS_ACCELERATOR
+    return max(1, min(base_len, budget // max(1, batch_heads_rows * base_len)))
 
 
 def _base_scores(q_chunk, k_base, start, end, key_padding_mask, scale):
@@ -88,7 +92,7 @@ class _ThoughtAttention(torch.autograd.Function):
         # Base part: causal over base keys, chunked over query positions.
         out_base = q_rows.new_empty(B, Hkv, R, L, D)
         lse_base = q_rows.new_empty(B, Hkv, R, L)
-        chunk = _chunk_len(B * Hkv * R, L)
+        chunk = _chunk_len(B * Hkv * R, L, q.device.type)
         for start in range(0, L, chunk):
             end = min(start + chunk, L)
             scores = _base_scores(q_rows[:, :, :, start:end], k_base, start, end, key_padding_mask, scale)
@@ -137,7 +141,7 @@ class _ThoughtAttention(torch.autograd.Function):
         d_q = torch.zeros_like(q_rows)
         d_k_base = torch.zeros_like(k_base)
         d_v_base = torch.zeros_like(v_base)
-        chunk = _chunk_len(B * Hkv * R, L)
+        chunk = _chunk_len(B * Hkv * R, L, q.device.type)
         for start in range(0, L, chunk):
             end, C = min(start + chunk, L), min(chunk, L - start)
             q_chunk = q_rows[:, :, :, start:end]
