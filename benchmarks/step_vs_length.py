@@ -15,6 +15,8 @@ under the same load. Kinds:
 
 * ``plain``: the base model alone (SDPA attention), ``labels = input_ids``;
 * ``quietstar``: the full step (no-grad thought sampling, then the replay with grad, losses);
+* ``incremental``: the full step with ``thought_forward="incremental"`` (sampling with grad into the
+  KV cache, no replay; benchmarks/thought_forward.py compares the two designs in one process);
 * ``given``: the same step with the thoughts given (``thought_ids=``), i.e. without the sampling
   pass: an upper bound on what removing the sampling pass's cost could gain;
 * ``official`` (with ``--official PYTHONPATH``): the official code's step on the same model shape,
@@ -83,6 +85,8 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     model = build_model(spec["kind"])
+    if spec["kind"] == "incremental":
+        model.config.thought_forward = "incremental"
     L = spec["length"]
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (1, L), generator=g)
@@ -194,8 +198,8 @@ def main() -> None:
         print(f"**{name}** ({trees[name]})\n")
         print("| L | Quiet-STaR s | plain s | cost ratio | FLOP ratio | cost / FLOP | given thoughts s (no sampling) "
               "| no-sampling gain | peak MB | plain peak MB | above plain MB | official s | speed-up vs official "
-              "| official peak MB | load |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| official peak MB | incremental s | incremental vs official | load |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for L in lengths:
             qs, plain, given = (rows.get((name, L, k)) for k in ("quietstar", "plain", "given"))
             if qs is None or plain is None:
@@ -204,9 +208,11 @@ def main() -> None:
             g = f"{given['step_s']:.3f} | {100 * (1 - given['step_s'] / qs['step_s']):.0f}%" if given else "- | -"
             off = rows.get(("official", L))
             o = f"{off['step_s']:.3f} | {off['step_s'] / qs['step_s']:.2f}x | {off['peak_mb']:.0f}" if off else "- | - | -"
+            inc = rows.get((name, L, "incremental"))
+            i = f"{inc['step_s']:.3f} | " + (f"{off['step_s'] / inc['step_s']:.2f}x" if off else "-") if inc else "- | -"
             print(f"| {L} | {qs['step_s']:.3f} | {plain['step_s']:.4f} | {cost:.1f}x | {flops:.1f}x | {cost / flops:.2f} "
                   f"| {g} | {qs['peak_mb']:.0f} | {plain['peak_mb']:.0f} | {qs['peak_mb'] - plain['peak_mb']:.0f} "
-                  f"| {o} | {qs['load']:.1f} |")
+                  f"| {o} | {i} | {qs['load']:.1f} |")
         print()
     if len(trees) > 1:
         first, *others = list(trees)

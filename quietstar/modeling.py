@@ -5,6 +5,9 @@ The base model's modeling code is untouched: thoughts work through the attention
 
     sample thoughts (no grad, cached)  ->  replay (one forward with grad over (1+S)L tokens)
     ->  base / talk logits  ->  mixing head  ->  NLL terms, rewards, REINFORCE  ->  loss
+
+(``config.thought_forward="incremental"`` replaces the first two stages by sampling with grad
+into the KV cache; the rest is the same.)
 """
 
 from __future__ import annotations
