@@ -32,6 +32,8 @@ forward::
     replay   = 3 P [M (1+S) L + A E(L, 1+S, 1+S) + h (1 + K + N) L]       rows: base, talk, thought log-probs
     sampling =   P [M (N+1) L + A sum_{s=0..N} E(L, s+1, 1) + h N L]     no grad: N+1 cached calls
     flop_ratio = (replay + sampling) / plain
+    incremental = replay + P h N L                                        no step fed twice
+    official = 3 P sum_{i=0..N+K+1} [M L + A L (i+1) L + h L]             15 dense forwards with grad
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def worker(spec: dict) -> dict:
     return dict(step_s=statistics.median(times), peak_mb=peak_mb, loss=loss, quietstar_file=quietstar.__file__)
 
 
-def flop_ratio(L: int) -> float:
+def step_flops(L: int) -> dict:
+    """FLOPs of one step of each kind (the model in the module docstring)."""
     from quietstar.layout import useful_entries
 
     N, K, P, S = N_THOUGHT, N_TALK, N_PASSES, N_THOUGHT + N_TALK + 1
@@ -124,7 +127,15 @@ def flop_ratio(L: int) -> float:
     plain = 3 * (M * L + A * useful_entries(L, 1) + h * L)
     replay = 3 * P * (M * (1 + S) * L + A * useful_entries(L, 1 + S) + h * (1 + K + N) * L)
     sampling = P * (M * (N + 1) * L + A * sum(useful_entries(L, s + 1, 1) for s in range(N + 1)) + h * N * L)
-    return (replay + sampling) / plain
+    # The official step: n_ahead + n_ahead_talk - 1 = 15 forwards with grad of L new tokens each, every
+    # one over all (i + 1) L keys so far with a dense mask (computed, masked or not), logits every time.
+    official = 3 * P * sum(M * L + A * L * (i + 1) * L + h * L for i in range(N + 3 + K - 1))
+    return dict(plain=plain, quietstar=replay + sampling, incremental=replay + P * h * N * L, official=official)
+
+
+def flop_ratio(L: int) -> float:
+    flops = step_flops(L)
+    return flops["quietstar"] / flops["plain"]
 
 
 def run_point(tree: str, kind: str, length: int, args) -> dict:
@@ -229,6 +240,15 @@ def main() -> None:
                 chained = f"{OFFICIAL[L][0] / OFFICIAL[L][1] * speed:.2f}x" if L in OFFICIAL else "-"
                 print(f"| {L} | {speed:.2f}x | {chained} | {b['peak_mb'] - a['peak_mb']:+.0f} |")
             print()
+    print("FLOP bound on the speed-up over the official code (official FLOPs / ours, the model above): what equal "
+          "efficiency of both codes allows; beyond it only the official's slower kernels (dense masked attention) help.\n")
+    print("| L | official GFLOP | ours (replay) GFLOP | bound, replay | ours (incremental) GFLOP | bound, incremental |")
+    print("|---|---|---|---|---|---|")
+    for L in lengths:
+        f = step_flops(L)
+        print(f"| {L} | {f['official'] / 1e9:.0f} | {f['quietstar'] / 1e9:.0f} | {f['official'] / f['quietstar']:.2f}x "
+              f"| {f['incremental'] / 1e9:.0f} | {f['official'] / f['incremental']:.2f}x |")
+    print()
     print("> Quoted from issue 10 (AMD EPYC, AVX2, 2 threads, fp32; the official code under transformers 4.37 "
           "and this project at the time; another machine, not rerun here):\n>")
     print("> | L | official s | ours then s | official peak MB | ours then peak MB | plain s |\n> |---|---|---|---|---|---|")
