@@ -38,7 +38,7 @@ from .losses import (
 )
 from .mixing import DEFAULT_INIT_STD, MixingHead
 from .compat import checkpointed_modules, with_cache
-from .sampling import sample_thoughts, think_step_by_step
+from .sampling import think_step_by_step
 from .window import full_kv_cache, sliding_window
 
 register_attention_paths()
@@ -217,18 +217,9 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
             hidden, thought_ids = self.incremental(input_ids, attention_mask, position_ids, generator)
         else:
             if thought_ids is None:
-                thought_ids = sample_thoughts(
-                    self.base_lm.base_model,
-                    lm_head,
-                    input_ids,
-                    attention_mask,
-                    position_ids,
-                    n_thought_tokens=N,
-                    start_thought_id=cfg.start_thought_token_id,
-                    temperature=cfg.thought_temperature,
-                    banned_ids=self.banned_token_ids,
-                    generator=generator,
-                )
+                with torch.no_grad():  # the replay feeds every step again with grad (DESIGN.md section 4)
+                    cache = full_kv_cache()
+                    thought_ids = self._think_step_by_step(input_ids, attention_mask, position_ids, cache, generator)[0]
             elif thought_ids.shape[0] != input_ids.shape[0]:
                 thought_ids = thought_ids.repeat_interleave(P, 0)
             thought_ids = thought_ids.to(input_ids.device)
@@ -305,8 +296,8 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
     def incremental(self, input_ids, attention_mask, position_ids, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``incremental`` thought forward: sample WITH grad into a KV cache, no replay.
 
-        Steps 0..N are fed one call each (sampling t_1..t_N on the way, as :func:`sample_thoughts`
-        does), then t_N, eot and the K - 1 fed-back tokens in one call over the cache. Same hidden
+        Steps 0..N are fed one call each (sampling t_1..t_N on the way, as the replay's no-grad
+        sampling does), then t_N, eot and the K - 1 fed-back tokens in one call over the cache. Same hidden
         states as :meth:`replay` on the sampled thoughts (to rounding), without feeding the N + 1
         sampling steps twice; the cost is N + 2 smaller calls in forward and backward, and every
         call's keys so far kept for backward. Returns (hidden ``[B, 1+S, L, H]``, thought ids ``[B, L, N]``).
@@ -320,19 +311,7 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
         B, L = input_ids.shape
         N, n_steps = cfg.n_thought_tokens, 1 + cfg.n_extra_steps
         cache = full_kv_cache()
-        thought_ids, sampled_hidden = think_step_by_step(
-            decoder,
-            self.get_output_embeddings(),
-            input_ids,
-            attention_mask,
-            position_ids,
-            cache,
-            n_thought_tokens=N,
-            start_thought_id=cfg.start_thought_token_id,
-            temperature=cfg.thought_temperature,
-            banned_ids=self.banned_token_ids,
-            generator=generator,
-        )
+        thought_ids, sampled_hidden = self._think_step_by_step(input_ids, attention_mask, position_ids, cache, generator)
         rest = self._step_tokens(input_ids, thought_ids)[N + 1 :]  # t_N, eot, x_{i+1}..x_{i+K-1}
         rest_hidden = decoder(
             input_ids=torch.cat(rest, dim=1),
@@ -344,6 +323,23 @@ class QuietStarForCausalLM(ThinkingGenerationMixin, PreTrainedModel, GenerationM
         ).last_hidden_state
         hidden = torch.cat([torch.stack(sampled_hidden, dim=1), rest_hidden.view(B, len(rest), L, -1)], dim=1)
         return hidden, thought_ids
+
+    def _think_step_by_step(self, input_ids, attention_mask, position_ids, cache, generator):
+        """:func:`think_step_by_step` with this model's decoder, head and thought settings."""
+        cfg = self.config
+        return think_step_by_step(
+            self.base_lm.base_model,
+            self.get_output_embeddings(),
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            n_thought_tokens=cfg.n_thought_tokens,
+            start_thought_id=cfg.start_thought_token_id,
+            temperature=cfg.thought_temperature,
+            banned_ids=self.banned_token_ids,
+            generator=generator,
+        )
 
     def _step_tokens(self, input_ids, thought_ids) -> list[torch.Tensor]:
         """The 1 + S steps' tokens, each ``[B, L]``: x, sot, t_1..t_N, eot, x_{i+1}..x_{i+K-1}."""

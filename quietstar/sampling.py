@@ -1,5 +1,5 @@
 """Thought sampling: cached, one step of L tokens per call (DESIGN.md section 4); without grad
-(``sample_thoughts``, then a replay) or with grad (the ``incremental`` thought forward)."""
+(then a replay) or with grad (the ``incremental`` thought forward): ``QuietStarForCausalLM.forward``."""
 
 from __future__ import annotations
 
@@ -32,32 +32,6 @@ def pick_tokens(logits: torch.Tensor, temperature: float, banned_ids: tuple[int,
         return logits.argmax(-1)
     uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
     return (logits / temperature - torch.log(-torch.log(uniform))).argmax(-1)
-
-
-@torch.no_grad()
-def sample_thoughts(
-    decoder,
-    lm_head,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    *,
-    n_thought_tokens: int,
-    start_thought_id: int,
-    temperature: float,
-    banned_ids: tuple[int, ...],
-    generator=None,
-) -> torch.Tensor:
-    """Sample a thought at every position at once, without grad: ``[B, L]`` -> thought ids ``[B, L, N]``.
-
-    The ``replay`` thought forward (DESIGN.md section 4): the training forward then feeds every step
-    again, with grad, in one call.
-    """
-    return think_step_by_step(
-        decoder, lm_head, input_ids, attention_mask, position_ids, full_kv_cache(),
-        n_thought_tokens=n_thought_tokens, start_thought_id=start_thought_id, temperature=temperature,
-        banned_ids=banned_ids, generator=generator,
-    )[0]
 
 
 def think_step_by_step(
