@@ -10,7 +10,7 @@
 #   (i) benchmarks/gpu_check/lora_7b_memory.py: train/configs/mistral7b_lora.yaml's step on Mistral-7B's shape
 # Stages run in the order c, e, g, h, d, i (most needed first: the budget may cut the last ones).
 # Writes $OUT/log.txt, attention_gpu.csv, throughput.txt, thought_forward.txt, lora_7b.txt ($OUT: ./gpu_out).
-# Knobs: BUDGET=520 (s, all stages), BENCH_L, BENCH_S, DESIGN_L, LORA_SHAPES,
+# Knobs: BUDGET=520 (s, all stages), BENCH_L, BENCH_S, DESIGN_SHAPES (BxL ...), LORA_SHAPES,
 #        SKIP_TESTS/SKIP_MODEL/SKIP_THROUGHPUT/SKIP_DESIGNS/SKIP_BENCH/SKIP_LORA=1.
 #
 # Needs transformers >= the version pyproject.toml names (5.17, what common GPU images ship). For a missing or older
@@ -83,10 +83,12 @@ torch.cuda.get_device_capability())" || echo "!!! version probe failed"
   fi
 
   if [[ ${SKIP_DESIGNS:-0} != 1 ]]; then
-    echo "=== (h) thought forward, replay vs incremental: SmolLM2-135M shape, quietstar_triton, bf16 autocast, B 4"
+    echo "=== (h) thought forward, replay vs incremental: SmolLM2-135M shape, quietstar_triton, bf16 autocast"
     if ((full)); then
-      stage h_thought_forward 120 $PY benchmarks/thought_forward.py --lengths ${DESIGN_L:-256,1024} --batch 4 \
-        --rounds 3 2>&1 | tee "$OUT/thought_forward.txt"
+      for shape in ${DESIGN_SHAPES:-4x256 1x1024}; do  # B 4 at L 1024 needs ~108 GB without checkpointing
+        stage h_thought_forward_$shape 90 $PY benchmarks/thought_forward.py --batch ${shape%x*} --lengths ${shape#*x} \
+          --rounds 3 2>&1 | tee -a "$OUT/thought_forward.txt"
+      done
     else echo "@@ h_thought_forward: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
   fi
 
@@ -103,7 +105,7 @@ torch.cuda.get_device_capability())" || echo "!!! version probe failed"
   if [[ ${SKIP_LORA:-0} != 1 ]]; then
     echo "=== (i) train/configs/mistral7b_lora.yaml's step memory: Mistral-7B shape, random bf16 weights"
     if ((full)); then
-      stage i_lora_7b 150 $PY $HERE/lora_7b_memory.py --shapes ${LORA_SHAPES:-4x256,4x1024} 2>&1 | tee "$OUT/lora_7b.txt"
+      stage i_lora_7b 150 $PY $HERE/lora_7b_memory.py --shapes ${LORA_SHAPES:-4x256,2x1024} 2>&1 | tee "$OUT/lora_7b.txt"
     else echo "@@ i_lora_7b: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
   fi
 
