@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import ThoughtLayout
+from ..layout import ThoughtLayout, is_visible
 from .lse_merge import finite_or_zero, merge_by_lse, non_differentiable_lse
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -97,7 +97,8 @@ class _Problem:
         causal, mask = nq == ne, None
         if nq not in (1, ne):
             q_step = torch.arange(ne - nq + 1, ne + 1)[:, None]
-            allowed = (torch.arange(1, ne + 1)[None, :] <= q_step)[None, None]  # [1, 1, nq, ne]
+            k_step = torch.arange(1, ne + 1)[None, :]
+            allowed = is_visible(q_step, 0, k_step, 0)[None, None]  # [1, 1, nq, ne]: own extra keys
             mask = torch.zeros(allowed.shape, dtype=self.q.dtype).masked_fill(~allowed, float("-inf"))
         if self.key_padding_mask is not None:  # a padded position's extra keys are padding too
             pad = torch.zeros(self.B * self.L, 1, 1, 1, dtype=self.q.dtype)

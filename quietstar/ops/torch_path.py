@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..layout import ThoughtLayout
+from ..layout import ThoughtLayout, is_visible
 from .cpu_flash import CpuFlashThoughtAttention
 from .lse_merge import finite_or_zero, merge_by_lse, non_differentiable_lse
 from .reference import _check_qkv
@@ -54,7 +54,7 @@ def _base_scores(q_chunk, k_base, start, end, key_padding_mask, scale):
     scores = (q_chunk.reshape(B, Hkv, R * C, D) @ k_base[:, :, :end].transpose(-1, -2)).view(B, Hkv, R, C, end)
     scores = scores * scale
     q_pos = torch.arange(start, end, device=q_chunk.device)[:, None]
-    allowed = torch.arange(end, device=q_chunk.device)[None, :] <= q_pos  # [C, end]
+    allowed = is_visible(0, q_pos, 0, torch.arange(end, device=q_chunk.device)[None, :])  # [C, end]: base keys
     if key_padding_mask is not None:
         allowed = allowed[None] & key_padding_mask[:, None, :end]  # [B, C, end]
         allowed = allowed[:, None, None]
@@ -70,7 +70,7 @@ def _extra_scores(q_steps, k_extra, first_query_step, key_padding_mask, scale):
     scores = torch.einsum("bhgsid,bheid->bhgsie", q_steps, k_extra) * scale
     q_step = torch.arange(first_query_step, first_query_step + nq, device=q_steps.device)[:, None]
     k_step = torch.arange(1, ne + 1, device=q_steps.device)[None, :]
-    allowed = (k_step <= q_step)[:, None, :]  # [nq, 1, ne]
+    allowed = is_visible(q_step, 0, k_step, 0)[:, None, :]  # [nq, 1, ne]: own extra keys (same position)
     if key_padding_mask is not None:
         allowed = allowed[None] & key_padding_mask[:, None, :, None]  # [B, nq, L, ne]
         allowed = allowed[:, None, None]
