@@ -105,16 +105,23 @@ def worker(spec: dict) -> dict:
         model.zero_grad(set_to_none=True)
         return float(loss)
 
-    step()
-    times = []
-    for _ in range(spec["steps"]):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
+    step_s, loss = time_steps(step, spec["steps"])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import quietstar
 
-    return dict(step_s=statistics.median(times), peak_mb=peak_mb, loss=loss, quietstar_file=quietstar.__file__)
+    return dict(step_s=step_s, peak_mb=peak_mb, loss=loss, quietstar_file=quietstar.__file__)
+
+
+def time_steps(step, n: int) -> tuple[float, object]:
+    """One warm-up call of ``step``, then ``n`` timed calls: (median seconds, the last call's result).
+    Stdlib only: official_step.py uses it under its own transformers install."""
+    step()
+    times, result = [], None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        result = step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
 
 
 def step_flops(L: int) -> dict:

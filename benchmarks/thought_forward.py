@@ -135,7 +135,6 @@ def main() -> None:
             cuda_peak = f"{peak[design]:.0f}" if cuda else "-"
             print(f"| {L} | {design} | {median:.3f} | {replay / median:.2f}x | {saved[design]:.0f} | {cuda_peak} | "
                   f"{loss[design]:.5f} |", flush=True)
-    model.config.thought_forward = "replay"
 
 
 if __name__ == "__main__":

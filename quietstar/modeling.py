@@ -23,21 +23,14 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .attention import TORCH, check_attention_name, register_attention_paths
+from .chunked_log_probs import target_log_probs_chunked, thought_log_probs_chunked, thought_token_log_probs
+from .compat import checkpointed_modules, with_cache
 from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConfig
 from .delimiters import ThoughtDelimiterEmbedding
 from .generation import ThinkingGenerationMixin
 from .layout import ThoughtLayout, base_position_ids, step_of
-from .chunked_log_probs import target_log_probs_chunked, thought_log_probs_chunked, thought_token_log_probs
-from .losses import (
-    mix_logits,
-    quietstar_loss,
-    thought_rewards,
-    shift_ahead,
-    talk_targets,
-    target_log_probs,
-)
+from .losses import mix_logits, quietstar_loss, shift_ahead, talk_targets, target_log_probs, thought_rewards
 from .mixing import DEFAULT_INIT_STD, MixingHead
-from .compat import checkpointed_modules, with_cache
 from .sampling import think_step_by_step
 from .window import full_kv_cache, sliding_window
 
