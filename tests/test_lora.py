@@ -82,8 +82,15 @@ def test_outputs_equal_the_unadapted_model_at_init(attn):
     for model in (plain, adapted):
         model.train()
         outs.append(model(ids, attention_mask=mask, labels=ids, generator=torch.Generator().manual_seed(9)))
-    for field in ("thought_ids", "logits", "base_logits", "talk_logits", "mixing_weights", "loss"):
-        assert torch.equal(getattr(outs[0], field), getattr(outs[1], field)), field
+    # The sampled thoughts are token ids: equal. The floats come from another code path (the adapted
+    # projections run x @ W + (x @ A) @ B with B = 0 through other kernels), so they agree to fp32
+    # rounding, not bit for bit: a few ulps of the largest value per layer (2 layers, 4 ops each).
+    # An adapter that did not start at zero moves them by ~1e-2 or more.
+    assert torch.equal(outs[0].thought_ids, outs[1].thought_ids)
+    for field in ("logits", "base_logits", "talk_logits", "mixing_weights", "loss"):
+        want, got = getattr(outs[0], field), getattr(outs[1], field)
+        atol = 64 * torch.finfo(torch.float32).eps * max(want.abs().max().item(), 1.0)
+        torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"{field}: {m}")
 
 
 def test_thought_attention_paths_agree_through_the_adapters():
@@ -138,8 +145,14 @@ def test_delimiters_keep_their_effective_learning_rate():
             torch.testing.assert_close(max(moved), torch.tensor(lr), rtol=1e-3, atol=0)  # Adam's first step: lr per entry
     scale = models["lora"].config.embedding_scale
     assert scale == 100 and grads["full"].abs().sum() > 0
-    torch.testing.assert_close(grads["lora"], grads["full"], rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(steps["lora"], steps["full"], rtol=1e-4, atol=1e-9)
+    # Two code paths (adapted vs plain projections) give the same gradient up to fp32 rounding
+    # accumulated through the backward: relative 1e-4 of the largest entry. A lost embedding_scale
+    # (a factor 100) or frozen delimiters are off by orders of magnitude.
+    grad_atol = 1e-4 * grads["full"].abs().max().item()
+    torch.testing.assert_close(grads["lora"], grads["full"], rtol=1e-4, atol=grad_atol)
+    # Adam's first step is scale * lr * g / (|g| + eps): a relative change d in g moves it by at most
+    # scale * lr * d / 4, so the steps agree to 1e-4 of scale * lr.
+    torch.testing.assert_close(steps["lora"], steps["full"], rtol=1e-4, atol=1e-4 * scale * lr)
     moving = grads["lora"].abs() > 1e-6  # Adam's first step moves each entry by lr * g / (|g| + eps)
     torch.testing.assert_close(steps["lora"][moving], torch.full_like(steps["lora"][moving], scale * lr), rtol=1e-2, atol=0)
 
