@@ -81,3 +81,30 @@ def gpt2_tokenizer():
 def bundled_corpus_path() -> Path:
     """The small corpus shipped in the package for the default run."""
     return Path(os.path.dirname(__file__)) / "data" / "tiny_corpus.txt"
+
+
+def byte_tokenizer():
+    """GPT-2's byte alphabet (its BPE's first 256 ids, no merges) + ``<|endoftext|>`` (256): 257 ids,
+    any text round-trips and decoded thoughts are real characters. The full GPT-2 vocabulary made the
+    LM head ~90% of a tiny step on CPU."""
+    from transformers import GPT2Tokenizer
+
+    encoder, _ = gpt2_vocab_and_merges()
+    vocab = {token: i for token, i in encoder.items() if i < 256}
+    eos = "<|endoftext|>"
+    vocab[eos] = 256
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=[], unk_token=eos, bos_token=eos, eos_token=eos)
+    tokenizer.pad_token = eos
+    return tokenizer
+
+
+def tiny_random_llama(vocab_size: int, seed: int):
+    """A 2-layer random Llama (hidden 64, GQA 4/2, tied embeddings) for tests and smoke runs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)

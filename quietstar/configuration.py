@@ -54,6 +54,12 @@ class QuietStarConfig(PreTrainedConfig):
     """
 
     model_type = "quietstar"
+    # The thought hyper-parameters a loader may be given, and the subset the weights depend on
+    # (a saved model keeps those; quietstar/loading.py refuses a different value).
+    THOUGHT_FIELDS = ("n_thought_tokens", "n_talk_tokens", "n_passes", "thought_temperature", "reinforce_temperature",
+                      "base_loss_weight", "talk_loss_weight", "policy_loss_weight", "clip_negative_advantages",
+                      "mixing_head_activation", "embedding_scale", "logits_chunk_elements", "thought_forward")
+    WEIGHT_FIELDS = ("mixing_head_activation", "embedding_scale")
     # The plain ``sub_configs`` declaration (not 5.18's ``sub_configs_defaults``) is read by every
     # supported transformers version; ``__post_init__`` builds the nested config itself.
     sub_configs = {"base_config": AutoConfig}
