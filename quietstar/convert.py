@@ -342,8 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="folder saved by the official code, or a hub id")
     p.add_argument("dst", help="output folder (save_pretrained layout, safetensors)")
-    p.add_argument("--n-ahead", type=int, default=None, help="official n_ahead (N = n_ahead - 3), required: the checkpoint does not record it (8 for the released model)")
-    p.add_argument("--n-ahead-talk", type=int, default=4, help="official n_ahead_talk = K, used when training further (default 4, the training script's)")
+    p.add_argument("--n-ahead", type=int, default=None,
+                   help="official n_ahead (N = n_ahead - 3), required: the checkpoint does not record it (8 for the "
+                        "released model)")
+    p.add_argument("--n-ahead-talk", type=int, default=4,
+                   help="official n_ahead_talk = K, used when training further (default 4, the training script's)")
     p.add_argument("--n-passes", type=int, default=2, help="thoughts per position when training further (default 2)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to read the delimiter ids from by name (or, if it lacks them, to append them to as the "

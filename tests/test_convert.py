@@ -11,7 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import quietstar  # noqa: F401  (registers the quietstar model type)
-from official_layout import EVAL_MAX_THOUGHTS, H, OFFICIAL_ORDER, V, official_config, official_state_dict, word_tokenizer, write_checkpoint
+from official_layout import (
+    EVAL_MAX_THOUGHTS, OFFICIAL_ORDER, V, official_config, official_state_dict, word_tokenizer, write_checkpoint,
+)
 from quietstar.convert import ConversionError, convert_official_checkpoint, main
 
 N_AHEAD, N_AHEAD_TALK = 6, 3  # explicit here; config.json never records them
@@ -199,6 +201,8 @@ INCONSISTENT_TOKENIZERS = [
      rf"has <\|endthought\|> \(id {V - 2}\) but not <\|startthought\|>"),
     ("beyond the table", lambda: word_tokenizer(V, added_tokens=OFFICIAL_ORDER),
      rf"<\|startthought\|> at id {V}, outside the checkpoint's {V}-row table"),
+    ("more tokens than rows", lambda: word_tokenizer(V - 2, added_tokens=[*OFFICIAL_ORDER, "<|extra|>"]),
+     rf"has {V + 1} tokens, more than the checkpoint's {V}-row table"),
 ]
 
 
