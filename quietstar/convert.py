@@ -1,6 +1,6 @@
 """Convert a checkpoint of the official Quiet-STaR code into a :class:`QuietStarForCausalLM`.
 
-    quietstar-convert ezelikman/quietstar-8-ahead runs/quietstar-8-ahead --tokenizer mistralai/Mistral-7B-v0.1
+    quietstar-convert ezelikman/quietstar-8-ahead runs/quietstar-8-ahead --n-ahead 8 --tokenizer mistralai/Mistral-7B-v0.1
 
 The official code (github ezelikman/quiet-star, ``modeling_mistral.py``) patches transformers 4.37's
 ``MistralForCausalLM``; a checkpoint it saves is a Mistral checkpoint plus a few tensors:
@@ -18,15 +18,20 @@ Both codes store the delimiter vectors divided by 100 (the official ``embedding_
 our default ``embedding_scale`` the tensors are copied bit for bit. Row 1 of the official
 ``start_embedding`` / ``end_embedding`` is a log standard deviation read only in its
 ``use_reparam_for_thought_embeddings`` mode, which the paper's runs leave off; it is dropped.
-The official training script appends ``<|startthought|>`` and ``<|endthought|>`` to Mistral's
-tokenizer and resizes the tables, so their ids are the last two rows (32000 and 32001 for a
-32002-row Mistral-7B table).
 
-Thought lengths are not stored in the weights: the official ``n_ahead`` counts the base step, the
-start token, the thought tokens and the end token, so N = ``n_ahead - 3``; ``n_ahead_talk`` is K.
-``config.json``'s ``max_thoughts`` is ``n_ahead + n_ahead_talk + 1`` as the training script sets
-it, which gives ``n_ahead`` when it is not passed. The released ``ezelikman/quietstar-8-ahead``
-used ``n_ahead`` 8 and ``n_ahead_talk`` 4 (N = 5, K = 4).
+Delimiter ids: the official code looks ``<|startthought|>`` / ``<|endthought|>`` up by name in its
+tokenizer, so they are read by name from the tokenizer saved with the checkpoint (any order). A base
+tokenizer without them (Mistral's) gets them appended as the official scripts do, start then end:
+the table's last two rows (32000, 32001 of Mistral-7B's 32002). With no tokenizer at all that order
+is assumed, with a warning.
+
+Thought lengths are not in the checkpoint: the official ``n_ahead`` and ``n_ahead_talk`` are model
+attributes the scripts set after loading, never saved. ``config.json`` holds only ``max_thoughts``,
+set at load time to ``n_ahead + n_ahead_talk + 1`` with the loading script's ``n_ahead_talk`` (4 in
+``quiet-star-train.py``, 1 in ``zero-shotcot-eval.py``), so it cannot tell ``n_ahead`` 8 with 1 from
+5 with 4: ``n_ahead`` must be given. It counts the base step, the start token, the thought tokens
+and the end token, so N = ``n_ahead - 3``; ``n_ahead_talk`` (default 4, the training script's) is K.
+The released ``ezelikman/quietstar-8-ahead`` is 8-ahead: ``--n-ahead 8``, N = 5.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .official_checkpoint import (
+    ConversionError,
+    has_tokenizer,
+    local_folder,
+    official_delimiter_ids,
+    read_official_config,
+    read_official_weights,
+)
 
 # The one head architecture the paper trained (the official MistralConfig's defaults, set again by
 # quiet-star-train.py): the weighted mixing MLP over [h_base ; h_thought].
@@ -70,74 +84,6 @@ OFFICIAL_HEAD_KEYS = {
 DELIMITER_KEY = "base_lm.model.embed_tokens.delimiter_embeddings"
 
 
-class ConversionError(ValueError):
-    """The source is not a checkpoint of the official code that this converter understands."""
-
-
-# ---------------------------------------------------------------------- reading the source
-
-
-def read_official_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json as a dict, state dict on CPU) of a saved official checkpoint folder or hub id."""
-    folder = _local_folder(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ConversionError(f"{str(folder)!r} has no config.json; point SRC at the folder the official code saved")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    return config, _read_weights(folder)
-
-
-def _local_folder(path) -> Path:
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        return folder
-    if folder.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
-        raise ConversionError(f"checkpoint {str(path)!r} is not a folder; give a saved checkpoint folder or a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model"]
-    if not _has_safetensors_on_hub(str(path)):
-        patterns += ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-    return Path(snapshot_download(str(path), allow_patterns=patterns))
-
-
-def _has_safetensors_on_hub(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import list_repo_files
-
-        return any(f.endswith(".safetensors") for f in list_repo_files(repo_id))
-    except Exception:  # offline: whatever the cache holds is fetched below
-        return True
-
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    for index_name, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", _load_bin)):
-        index = folder / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise ConversionError(f"{index_name} in {str(folder)!r} names shards that are absent: {missing}")
-            state = {}
-            for shard in shards:
-                state.update(loader(str(folder / shard)))
-            return state
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
-    if (folder / "pytorch_model.bin").is_file():
-        return _load_bin(str(folder / "pytorch_model.bin"))
-    raise ConversionError(
-        f"no weights in {str(folder)!r}: expected model.safetensors, model.safetensors.index.json, "
-        "pytorch_model.bin or pytorch_model.bin.index.json"
-    )
-
-
-def _load_bin(file: str) -> dict[str, torch.Tensor]:
-    return torch.load(file, map_location="cpu", weights_only=True)
-
-
 # ---------------------------------------------------------------------- config
 
 
@@ -150,12 +96,53 @@ def quietstar_config_from_official(
     end_thought_token_id: int | None = None,
     **thought_kwargs,
 ):
-    """The :class:`QuietStarConfig` matching an official ``config.json`` (see the module docstring)."""
+    """The :class:`QuietStarConfig` matching an official ``config.json`` (see the module docstring).
+
+    ``n_ahead`` is required (config.json does not record it); the delimiter ids default, with a
+    warning, to the table's last two rows in the official scripts' order."""
     from transformers import MistralConfig
 
     from .configuration import QuietStarConfig
 
     cfg = dict(official_config)
+    _check_paper_architecture(cfg)
+    _require_thought_lengths(cfg, n_ahead, n_ahead_talk)
+    # max_thoughts is never read by the official model; it only tells the largest n_ahead it was loaded with.
+    max_thoughts = cfg.get("max_thoughts")
+    if max_thoughts is not None and int(max_thoughts) < n_ahead + 2:
+        warnings.warn(
+            f"config.json's max_thoughts = {max_thoughts} says the checkpoint was loaded with n_ahead <= "
+            f"{int(max_thoughts) - 2} (max_thoughts = n_ahead + n_ahead_talk + 1, n_ahead_talk >= 1), not {n_ahead}; "
+            "converting with the n_ahead given",
+            stacklevel=2,
+        )
+    vocab = int(cfg["vocab_size"])
+    if start_thought_token_id is None and end_thought_token_id is None:
+        warnings.warn(
+            f"no tokenizer: assuming the official scripts' order, <|startthought|> = {vocab - 2} and <|endthought|> = "
+            f"{vocab - 1} (the table's last two rows); if the checkpoint's tokenizer added them in another order, pass "
+            "that tokenizer (--tokenizer)",
+            stacklevel=2,
+        )
+        start_thought_token_id, end_thought_token_id = vocab - 2, vocab - 1
+    for name, token_id in (("<|startthought|>", start_thought_token_id), ("<|endthought|>", end_thought_token_id)):
+        if token_id is None or not 0 <= token_id < vocab:
+            raise ConversionError(f"{name} has id {token_id}, outside the checkpoint's {vocab}-row vocabulary")
+
+    base = {k: v for k, v in cfg.items() if k not in OFFICIAL_ONLY_CONFIG_KEYS}
+    for key in ("_name_or_path", "architectures", "transformers_version"):
+        base.pop(key, None)
+    return QuietStarConfig(
+        base_config=MistralConfig.from_dict(base),
+        n_thought_tokens=n_ahead - 3,
+        n_talk_tokens=n_ahead_talk,
+        start_thought_token_id=start_thought_token_id,
+        end_thought_token_id=end_thought_token_id,
+        **thought_kwargs,
+    )
+
+
+def _check_paper_architecture(cfg: dict) -> None:
     if cfg.get("model_type") != "mistral":
         raise ConversionError(
             f"config.json has model_type {cfg.get('model_type')!r}; the official Quiet-STaR code patches Mistral only. "
@@ -169,43 +156,28 @@ def quietstar_config_from_official(
             )
     if cfg.get("tie_word_embeddings"):
         raise ConversionError("config.json ties the input and output embeddings; the official Mistral checkpoints do not")
+
+
+def _require_thought_lengths(cfg: dict, n_ahead: int | None, n_ahead_talk: int) -> None:
+    max_thoughts = cfg.get("max_thoughts")
     if n_ahead is None:
-        if "max_thoughts" not in cfg:
-            raise ConversionError(
-                "config.json has no max_thoughts to derive n_ahead from; pass n_ahead "
-                "(--n-ahead 8 for ezelikman/quietstar-8-ahead)"
-            )
-        n_ahead = int(cfg["max_thoughts"]) - n_ahead_talk - 1
-    elif "max_thoughts" in cfg and int(cfg["max_thoughts"]) != n_ahead + n_ahead_talk + 1:
-        warnings.warn(
-            f"config.json's max_thoughts = {cfg['max_thoughts']} was set for n_ahead + n_ahead_talk = "
-            f"{int(cfg['max_thoughts']) - 1}, not {n_ahead} + {n_ahead_talk}; converting with the values given",
-            stacklevel=2,
+        fits = ""
+        if max_thoughts is not None:  # both official scripts set max_thoughts = n_ahead + n_ahead_talk + 1
+            readings = [f"n_ahead {int(max_thoughts) - talk - 1} with {script}'s n_ahead_talk {talk}"
+                        for talk, script in ((1, "zero-shotcot-eval.py"), (4, "quiet-star-train.py"))
+                        if int(max_thoughts) - talk - 1 >= 4]
+            fits = f"; its max_thoughts = {max_thoughts} (n_ahead + n_ahead_talk + 1 when it was loaded) fits " + (
+                " as well as ".join(readings) or "no n_ahead >= 4")
+        raise ConversionError(
+            f"config.json does not record n_ahead (the official code keeps it outside the checkpoint){fits}. "
+            "Pass --n-ahead (n_ahead= in Python): --n-ahead 8 for the released ezelikman/quietstar-8-ahead, the value "
+            "zero-shotcot-eval.py loads it with (N = 8 - 3 = 5 thought tokens between the delimiters)"
         )
     if n_ahead < 4 or n_ahead_talk < 1:
         raise ConversionError(
             f"n_ahead = {n_ahead} and n_ahead_talk = {n_ahead_talk}: need n_ahead >= 4 (start, >= 1 thought token, end) "
             "and n_ahead_talk >= 1"
         )
-    vocab = int(cfg["vocab_size"])
-    if start_thought_token_id is None:  # appended by the official training script: the last two rows
-        start_thought_token_id, end_thought_token_id = vocab - 2, vocab - 1
-    for name, token_id in (("<|startthought|>", start_thought_token_id), ("<|endthought|>", end_thought_token_id)):
-        if not 0 <= token_id < vocab:
-            raise ConversionError(f"{name} has id {token_id}, outside the checkpoint's {vocab}-row vocabulary")
-
-    base = {k: v for k, v in cfg.items() if k not in OFFICIAL_ONLY_CONFIG_KEYS}
-    for key in ("_name_or_path", "architectures", "transformers_version"):
-        base.pop(key, None)
-    base_config = MistralConfig.from_dict(base)
-    return QuietStarConfig(
-        base_config=base_config,
-        n_thought_tokens=n_ahead - 3,
-        n_talk_tokens=n_ahead_talk,
-        start_thought_token_id=start_thought_token_id,
-        end_thought_token_id=end_thought_token_id,
-        **thought_kwargs,
-    )
 
 
 # ---------------------------------------------------------------------- weights
@@ -303,39 +275,33 @@ def convert_official_checkpoint(
     """A :class:`QuietStarForCausalLM` holding an official Quiet-STaR checkpoint's weights.
 
     ``path_or_state_dict``: a folder saved by the official code (or a hub id), or its state dict
-    with ``config`` (its config.json as a dict or a path). ``n_ahead`` defaults to what config.json's
-    ``max_thoughts`` implies; N = n_ahead - 3, K = ``n_ahead_talk``. The delimiter ids are the
-    table's last two rows, as the official training script made them; a ``tokenizer`` gets the
-    delimiter tokens added (if absent) and must put them at those ids.
+    with ``config`` (its config.json as a dict or a path). ``n_ahead`` is required: the checkpoint
+    does not record it (8 for ezelikman/quietstar-8-ahead); N = n_ahead - 3, K = ``n_ahead_talk``.
+    The delimiter ids are read by name from ``tokenizer`` (a base tokenizer without them gets them
+    appended, as the official scripts did); with no tokenizer they are assumed to be the table's last
+    two rows, start then end, with a warning.
     ``dtype`` defaults to the checkpoint's; then the model holds the loaded tensors themselves (no
     copy: a bf16 Mistral-7B needs about 15 GB of memory). Other keywords are :class:`QuietStarConfig` fields
     (``n_passes``, ``thought_attn_implementation``, ...). Raises :class:`ConversionError` naming
     the tensor or setting it does not understand.
     """
-    from .modeling import QuietStarForCausalLM, add_thought_tokens
+    from .modeling import QuietStarForCausalLM
 
     if isinstance(path_or_state_dict, dict):
         if config is None:
             raise ConversionError("a state dict needs its config: pass config= (config.json as a dict or a path)")
-        official_config = config if isinstance(config, dict) else json.loads(Path(config).read_text(encoding="utf-8"))
-        state_dict = path_or_state_dict
-    else:
-        official_config, state_dict = read_official_checkpoint(path_or_state_dict)
-        if config is not None:
-            official_config = config if isinstance(config, dict) else json.loads(Path(config).read_text(encoding="utf-8"))
+    elif config is None:
+        config = read_official_config(path_or_state_dict)
+    official_config = config if isinstance(config, dict) else json.loads(Path(config).read_text(encoding="utf-8"))
     ids = {}
     if tokenizer is not None:
-        ids = dict(zip(("start_thought_token_id", "end_thought_token_id"), add_thought_tokens(tokenizer)))
-        vocab = int(official_config.get("vocab_size", -1))
-        if tuple(ids.values()) != (vocab - 2, vocab - 1):
-            raise ConversionError(
-                f"the tokenizer puts <|startthought|>, <|endthought|> at ids {tuple(ids.values())}, but the official "
-                f"training script appended them as the last two rows of the {vocab}-row table ({vocab - 2}, {vocab - 1}); "
-                "pass the base model's own tokenizer (mistralai/Mistral-7B-v0.1 for the released model)"
-            )
+        start_id, end_id = official_delimiter_ids(tokenizer, int(official_config.get("vocab_size", -1)))
+        ids = {"start_thought_token_id": start_id, "end_thought_token_id": end_id}
     qs_config = quietstar_config_from_official(
         official_config, n_ahead=n_ahead, n_ahead_talk=n_ahead_talk, **ids, **thought_kwargs
     )
+    # the weights are read (a hub checkpoint downloaded) only once config.json and the options are known good
+    state_dict = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_official_weights(path_or_state_dict)
     mapped = map_official_state_dict(state_dict, qs_config)
     if dtype is None:
         dtype = mapped["base_lm.lm_head.weight"].dtype
@@ -346,8 +312,7 @@ def convert_official_checkpoint(
 def save_atomically(model, destination: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
     """``save_pretrained`` into a temporary sibling folder, then rename it to ``destination``."""
     destination = Path(destination)
-    if destination.exists() and any(destination.iterdir()) and not overwrite:
-        raise ConversionError(f"{str(destination)!r} exists and is not empty; choose another DST or pass --overwrite")
+    check_destination(destination, overwrite)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
@@ -363,6 +328,12 @@ def save_atomically(model, destination: str | os.PathLike, tokenizer=None, overw
     return destination
 
 
+def check_destination(destination: str | os.PathLike, overwrite: bool = False) -> None:
+    destination = Path(destination)
+    if destination.exists() and any(destination.iterdir()) and not overwrite:
+        raise ConversionError(f"{str(destination)!r} exists and is not empty; choose another DST or pass --overwrite")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="quietstar-convert",
@@ -371,12 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="folder saved by the official code, or a hub id")
     p.add_argument("dst", help="output folder (save_pretrained layout, safetensors)")
-    p.add_argument("--n-ahead", type=int, default=None, help="official n_ahead (N = n_ahead - 3); default from max_thoughts")
-    p.add_argument("--n-ahead-talk", type=int, default=4, help="official n_ahead_talk = K (default 4)")
+    p.add_argument("--n-ahead", type=int, default=None,
+                   help="official n_ahead (N = n_ahead - 3), required: the checkpoint does not record it (8 for the "
+                        "released model)")
+    p.add_argument("--n-ahead-talk", type=int, default=4,
+                   help="official n_ahead_talk = K, used when training further (default 4, the training script's)")
     p.add_argument("--n-passes", type=int, default=2, help="thoughts per position when training further (default 2)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer to add the delimiters to and save beside the model (mistralai/Mistral-7B-v0.1 for "
-                        "the released model); default: the one in SRC, if any")
+                   help="tokenizer to read the delimiter ids from by name (or, if it lacks them, to append them to as the "
+                        "official scripts did) and to save beside the model (mistralai/Mistral-7B-v0.1 for the released "
+                        "model); default: the one saved in SRC, if any")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights' dtype (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
@@ -386,17 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # cheap checks first: a hub checkpoint is downloaded only when the options fit it
+        _require_thought_lengths(read_official_config(args.src), args.n_ahead, args.n_ahead_talk)
+        check_destination(args.dst, args.overwrite)
+        src = local_folder(args.src)
         tokenizer = None
-        tokenizer_source = args.tokenizer
-        if tokenizer_source is None and Path(args.src).is_dir() and (Path(args.src) / "tokenizer_config.json").is_file():
-            tokenizer_source = args.src
+        tokenizer_source = args.tokenizer if args.tokenizer is not None else (src if has_tokenizer(src) else None)
         if tokenizer_source is not None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
         model = convert_official_checkpoint(
-            args.src, n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk, n_passes=args.n_passes,
+            src, n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk, n_passes=args.n_passes,
             tokenizer=tokenizer, dtype=dtype,
         )
         out = save_atomically(model, args.dst, tokenizer, overwrite=args.overwrite)

@@ -1,68 +1,23 @@
 """quietstar-convert: a tiny random checkpoint written by hand in the official code's layout
-(ezelikman/quiet-star ``modeling_mistral.py`` saved by transformers 4.37) converts exactly, runs,
-and anything else is refused with the offending key and the fix."""
+(ezelikman/quiet-star ``modeling_mistral.py`` saved by transformers 4.37, see official_layout.py)
+converts exactly, with the thought lengths given and the delimiter ids its tokenizer gives by name,
+runs, and anything else is refused with the offending key and the fix."""
 
 import json
+import warnings
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import quietstar  # noqa: F401  (registers the quietstar model type)
+from official_layout import (
+    EVAL_MAX_THOUGHTS, OFFICIAL_ORDER, V, official_config, official_state_dict, word_tokenizer, write_checkpoint,
+)
 from quietstar.convert import ConversionError, convert_official_checkpoint, main
-from tiny_models import tiny_base
 
-H, V, N_AHEAD, N_AHEAD_TALK = 32, 98, 6, 3  # V = 96 tokens + <|startthought|>, <|endthought|>
-
-
-def official_config(**changes) -> dict:
-    """config.json as the official MistralConfig (transformers 4.37) writes it."""
-    cfg = {
-        "_name_or_path": "mistralai/Mistral-7B-v0.1", "architectures": ["MistralForCausalLM"],
-        "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-        "hidden_size": H, "initializer_range": 0.02, "intermediate_size": 64, "max_position_embeddings": 128,
-        "model_type": "mistral", "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "transformers_version": "4.37.2", "use_cache": True, "vocab_size": V,
-        "max_thoughts": N_AHEAD + N_AHEAD_TALK + 1,
-        "merged_talk_heads": True, "merged_lm_and_talk_heads": False, "merged_lm_and_think_heads": True,
-        "use_concat_talk_head": True, "use_shallow_think": True, "use_shallow_talk": False,
-        "use_complex_think_head": False, "use_complex_talk_head": True, "use_weighted_talk_head": True,
-    }
-    cfg.update(changes)
-    return cfg
-
-
-def official_state_dict(seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Mistral weights + the official start/end embeddings and talk head, every tensor random."""
-    g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=g) for k, v in tiny_base("mistral", vocab_size=V).state_dict().items()}
-    state["start_embedding"] = torch.randn(2, H, generator=g) / 100  # row 0: vector / embedding_scale; row 1: log std
-    state["end_embedding"] = torch.randn(2, H, generator=g) / 100
-    state["talk_head.0.0.weight"] = torch.randn(H, 2 * H, generator=g) * 0.02
-    state["talk_head.0.0.bias"] = torch.randn(H, generator=g) * 0.02
-    state["talk_head.0.2.weight"] = torch.randn(H, H, generator=g) * 0.02
-    state["talk_head.0.2.bias"] = torch.randn(H, generator=g) * 0.02
-    state["talk_head.0.4.weight"] = torch.randn(1, H, generator=g)  # trained: not zero
-    return {k: v.to(dtype).contiguous() for k, v in state.items()}
-
-
-def write_checkpoint(folder, state=None, config=None, shards: int = 1):
-    folder.mkdir(parents=True, exist_ok=True)
-    state = official_state_dict() if state is None else state
-    (folder / "config.json").write_text(json.dumps(official_config() if config is None else config))
-    if shards == 1:
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return folder
-    keys, weight_map = sorted(state), {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[s::shards]}
-        save_file(part, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return folder
+N_AHEAD, N_AHEAD_TALK = 6, 3  # explicit here; config.json never records them
+NO_TOKENIZER_IDS = {"start_thought_token_id": V - 2, "end_thought_token_id": V - 1}  # as the official scripts add them
 
 
 def assert_exact_copy(model, state):
@@ -79,10 +34,11 @@ def assert_exact_copy(model, state):
 @pytest.mark.parametrize("shards", [1, 2])
 def test_conversion_copies_every_tensor_exactly(tmp_path, shards):
     state = official_state_dict()
-    model = convert_official_checkpoint(write_checkpoint(tmp_path / "official", state, shards=shards), n_ahead_talk=N_AHEAD_TALK)
+    src = write_checkpoint(tmp_path / "official", state, shards=shards)
+    model = convert_official_checkpoint(src, n_ahead=N_AHEAD, n_ahead_talk=N_AHEAD_TALK, **NO_TOKENIZER_IDS)
     assert_exact_copy(model, state)
     cfg = model.config
-    assert (cfg.n_thought_tokens, cfg.n_talk_tokens) == (N_AHEAD - 3, N_AHEAD_TALK)  # n_ahead from max_thoughts
+    assert (cfg.n_thought_tokens, cfg.n_talk_tokens) == (N_AHEAD - 3, N_AHEAD_TALK)
     assert (cfg.start_thought_token_id, cfg.end_thought_token_id) == (V - 2, V - 1)
     assert cfg.embedding_scale == 100.0 and cfg.mixing_head_activation == "none"
     # the vectors the model feeds are the official ones: stored / 100, multiplied back
@@ -91,7 +47,8 @@ def test_conversion_copies_every_tensor_exactly(tmp_path, shards):
 
 def test_converted_model_runs_and_round_trips_through_save_pretrained(tmp_path):
     state = official_state_dict()
-    model = convert_official_checkpoint(write_checkpoint(tmp_path / "official", state), n_ahead_talk=N_AHEAD_TALK, n_passes=1)
+    src = write_checkpoint(tmp_path / "official", state)
+    model = convert_official_checkpoint(src, n_ahead=N_AHEAD, n_ahead_talk=N_AHEAD_TALK, n_passes=1, **NO_TOKENIZER_IDS)
     ids = torch.randint(3, V - 2, (2, 10), generator=torch.Generator().manual_seed(1))
     out = model(ids, labels=ids, generator=torch.Generator().manual_seed(2))
     assert torch.isfinite(out.loss) and out.thought_ids.shape == (2, 10, N_AHEAD - 3)
@@ -100,16 +57,19 @@ def test_converted_model_runs_and_round_trips_through_save_pretrained(tmp_path):
     # the delimiter ids inside the table read the checkpoint's vectors, not the table's rows
     torch.testing.assert_close(model.get_input_embeddings()(torch.tensor([V - 1])), state["end_embedding"][:1] * 100)
 
-    assert main([str(tmp_path / "official"), str(tmp_path / "converted"), "--n-ahead-talk", str(N_AHEAD_TALK)]) == 0
+    with pytest.warns(UserWarning, match="no tokenizer: assuming"):
+        assert main([str(src), str(tmp_path / "converted"), "--n-ahead", str(N_AHEAD), "--n-ahead-talk", str(N_AHEAD_TALK)]) == 0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
     assert_exact_copy(reloaded, state)
     assert not list(tmp_path.glob(".converted.*"))  # the staging folder is gone
 
 
-def test_dtype_embedding_scale_and_explicit_n_ahead(tmp_path):
+def test_dtype_embedding_scale_and_a_max_thoughts_too_small_for_n_ahead():
     state = official_state_dict(dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match="max_thoughts = 10 was set for n_ahead \\+ n_ahead_talk = 9, not 8 \\+ 4"):
-        model = convert_official_checkpoint(state, config=official_config(), n_ahead=8, n_ahead_talk=4, embedding_scale=10.0)
+    # max_thoughts 10 = n_ahead + n_ahead_talk + 1 with n_ahead_talk >= 1 allows n_ahead <= 8, not 9
+    with pytest.warns(UserWarning, match="max_thoughts = 10 says the checkpoint was loaded with n_ahead <= 8"):
+        convert_official_checkpoint(state, config=official_config(), n_ahead=9, **NO_TOKENIZER_IDS)
+    model = convert_official_checkpoint(state, config=official_config(), n_ahead=8, embedding_scale=10.0, **NO_TOKENIZER_IDS)
     assert model.base_lm.lm_head.weight.dtype == torch.bfloat16
     assert (model.config.n_thought_tokens, model.config.n_talk_tokens) == (5, 4)  # the released model's N, K
     torch.testing.assert_close(model.delimiter_embedding.effective_delimiters()[1].float(),
@@ -135,7 +95,6 @@ BAD_CHECKPOINTS = [
     ("extra layer", lambda s: s, {"num_hidden_layers": 1}, r"do not exist in the model config.json describes"),
     ("other head", lambda s: s, {"use_shallow_talk": True}, r"use_shallow_talk = True; only the paper's mixing head"),
     ("not mistral", lambda s: s, {"model_type": "llama"}, r"model_type 'llama'.*from_base"),
-    ("no n_ahead", lambda s: s, {"max_thoughts": None}, r"pass n_ahead \(--n-ahead 8"),
 ]
 
 
@@ -144,7 +103,7 @@ def test_bad_checkpoints_are_refused_clearly(what, change_state, change_config, 
     config = official_config(**change_config)
     config = {k: v for k, v in config.items() if v is not None}
     with pytest.raises(ConversionError, match=message):
-        convert_official_checkpoint(change_state(official_state_dict()), config=config)
+        convert_official_checkpoint(change_state(official_state_dict()), config=config, n_ahead=N_AHEAD, **NO_TOKENIZER_IDS)
 
 
 def test_bad_sources_are_refused_clearly(tmp_path, capsys):
@@ -155,40 +114,99 @@ def test_bad_sources_are_refused_clearly(tmp_path, capsys):
         convert_official_checkpoint(tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text(json.dumps(official_config()))
     with pytest.raises(ConversionError, match="no weights in"):
-        convert_official_checkpoint(tmp_path / "empty")
+        convert_official_checkpoint(tmp_path / "empty", n_ahead=8)
     with pytest.raises(ConversionError, match="n_ahead = 3"):
         convert_official_checkpoint(official_state_dict(), config=official_config(max_thoughts=7), n_ahead=3, n_ahead_talk=3)
     # the command: exit code 2, one line naming the problem, nothing written over a non-empty DST
     src = write_checkpoint(tmp_path / "official")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("x")
-    assert main([str(src), str(tmp_path / "taken")]) == 2
+    assert main([str(src), str(tmp_path / "taken"), "--n-ahead", "8"]) == 2
     assert "is not empty" in capsys.readouterr().err and (tmp_path / "taken" / "keep.txt").exists()
-    assert main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert main([str(tmp_path / "empty"), str(tmp_path / "out"), "--n-ahead", "8"]) == 2
     assert "quietstar-convert: error: no weights in" in capsys.readouterr().err and not (tmp_path / "out").exists()
-
-
-def _word_tokenizer(n_words: int):
-    """An offline fast tokenizer: words t0..t{n-1} (t0 = <unk>, t1 = <s>, t2 = </s>)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, n_words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def test_tokenizer_gets_the_delimiters_and_quietstar_eval_loads_the_result(tmp_path):
     from quietstar.evaluation.cli import load_model
 
-    _word_tokenizer(V - 2).save_pretrained(tmp_path / "tokenizer")
+    word_tokenizer(V - 2).save_pretrained(tmp_path / "tokenizer")
     src = write_checkpoint(tmp_path / "official")
-    args = [str(src), str(tmp_path / "converted"), "--n-ahead-talk", str(N_AHEAD_TALK), "--tokenizer", str(tmp_path / "tokenizer")]
+    args = [str(src), str(tmp_path / "converted"), "--n-ahead", str(N_AHEAD), "--tokenizer", str(tmp_path / "tokenizer")]
     assert main(args) == 0
     model, tokenizer = load_model(str(tmp_path / "converted"))  # what quietstar-eval --model does
     assert tokenizer.convert_tokens_to_ids(["<|startthought|>", "<|endthought|>"]) == [V - 2, V - 1]
     assert (model.config.start_thought_token_id, model.config.end_thought_token_id) == (V - 2, V - 1)
     # a tokenizer that is not the checkpoint's (its delimiters would land elsewhere) is refused
     with pytest.raises(ConversionError, match=r"at ids \(50, 51\).*\(96, 97\).*base model's own tokenizer"):
-        convert_official_checkpoint(src, n_ahead_talk=N_AHEAD_TALK, tokenizer=_word_tokenizer(50))
+        convert_official_checkpoint(src, n_ahead=N_AHEAD, tokenizer=word_tokenizer(50))
+
+
+# ---------------------------------------------------------------------- as a new user meets it
+
+
+def _conversion_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "max_thoughts" in str(w.message) or "no tokenizer" in str(w.message)]
+
+
+@pytest.mark.parametrize("order", [OFFICIAL_ORDER, OFFICIAL_ORDER[::-1]], ids=["start-end", "end-start"])
+def test_official_checkpoint_with_its_tokenizer_converts_as_the_released_model(tmp_path, capsys, order):
+    state = official_state_dict(seed=3)
+    tokenizer = word_tokenizer(V - 2, added_tokens=order)
+    assert len(tokenizer) == V  # the official script resized the table to the tokenizer
+    src = write_checkpoint(tmp_path / "official", state, tokenizer=tokenizer)
+    start_id, end_id = tokenizer.convert_tokens_to_ids(list(OFFICIAL_ORDER))  # how the official code finds them
+
+    # max_thoughts = 10 fits n_ahead 8 (eval script, n_ahead_talk 1) and 5 (training, 4): no guessing
+    assert main([str(src), str(tmp_path / "guessed")]) == 2
+    error = capsys.readouterr().err
+    assert f"max_thoughts = {EVAL_MAX_THOUGHTS}" in error and "--n-ahead 8" in error and "N = 8 - 3 = 5" in error
+    assert not (tmp_path / "guessed").exists()
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert main([str(src), str(tmp_path / "converted"), "--n-ahead", "8"]) == 0
+    assert _conversion_warnings(record) == []  # max_thoughts 10 is what an 8-ahead model loaded for eval records
+    assert f"N = 5 thought tokens, K = 4, delimiter ids ({start_id}, {end_id})" in capsys.readouterr().out
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
+    saved_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "converted")
+    cfg = model.config
+    assert (cfg.n_thought_tokens, cfg.n_talk_tokens) == (5, 4)
+    assert (cfg.start_thought_token_id, cfg.end_thought_token_id) == (start_id, end_id)
+    assert saved_tokenizer.convert_tokens_to_ids(list(OFFICIAL_ORDER)) == [start_id, end_id]
+    # what the model feeds for each delimiter id is the official start_embedding[0] * embedding_scale
+    # (100): one fp32 product each side, so fp32 rounding of values ~1 bounds the difference
+    fed = model.get_input_embeddings()(torch.tensor([start_id, end_id]))
+    official = torch.stack([state["start_embedding"][0], state["end_embedding"][0]]) * 100
+    torch.testing.assert_close(fed, official, rtol=1.3e-6, atol=1e-6)
+    for i in (0, 2, 4):  # copied, never computed: bit equality is the claim
+        assert torch.equal(model.mixing_head.mlp[i].weight, state[f"talk_head.0.{i}.weight"])
+    for i in (0, 2):
+        assert torch.equal(model.mixing_head.mlp[i].bias, state[f"talk_head.0.{i}.bias"])
+
+
+def test_without_a_tokenizer_the_assumed_delimiter_order_is_said():
+    with pytest.warns(UserWarning, match=rf"no tokenizer: assuming .*<\|startthought\|> = {V - 2} and <\|endthought\|> = "
+                                         rf"{V - 1}.*--tokenizer"):
+        model = convert_official_checkpoint(official_state_dict(), config=official_config(), n_ahead=8)
+    assert (model.config.start_thought_token_id, model.config.end_thought_token_id) == (V - 2, V - 1)
+    with pytest.raises(ConversionError, match=r"does not record n_ahead.*--n-ahead 8"):
+        convert_official_checkpoint(official_state_dict(), config=official_config(max_thoughts=None))
+
+
+INCONSISTENT_TOKENIZERS = [
+    # (what is wrong, tokenizer, message)
+    ("one delimiter", lambda: word_tokenizer(V - 2, added_tokens=["<|endthought|>"]),
+     rf"has <\|endthought\|> \(id {V - 2}\) but not <\|startthought\|>"),
+    ("beyond the table", lambda: word_tokenizer(V, added_tokens=OFFICIAL_ORDER),
+     rf"<\|startthought\|> at id {V}, outside the checkpoint's {V}-row table"),
+    ("more tokens than rows", lambda: word_tokenizer(V - 2, added_tokens=[*OFFICIAL_ORDER, "<|extra|>"]),
+     rf"has {V + 1} tokens, more than the checkpoint's {V}-row table"),
+]
+
+
+@pytest.mark.parametrize("what, make_tokenizer, message", INCONSISTENT_TOKENIZERS, ids=[t[0] for t in INCONSISTENT_TOKENIZERS])
+def test_inconsistent_tokenizers_are_refused_clearly(what, make_tokenizer, message):
+    with pytest.raises(ConversionError, match=message):
+        convert_official_checkpoint(official_state_dict(), config=official_config(), n_ahead=8, tokenizer=make_tokenizer())
