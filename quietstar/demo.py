@@ -13,7 +13,7 @@ import time
 import torch
 
 from .assets import bundled_corpus_path, load_smollm2
-from .inspection import thought_in_context
+from .thought_text import thought_in_context
 from .modeling import QuietStarForCausalLM
 
 

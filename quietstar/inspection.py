@@ -22,16 +22,7 @@ import torch
 
 from .evaluation.cli import add_thought_arguments, load_model, thought_overrides
 from .evaluation.metric import single_pass
-
-
-def thought_in_context(tokenizer, input_ids, thought_ids, row: int, pos: int, before: int = 12, after: int = 3) -> str:
-    """One thought in its text: ``...context <|startthought|>thought<|endthought|> -> next tokens``.
-
-    ``input_ids`` ``[B, L]`` and ``thought_ids`` ``[B, L, N]`` rows aligned (repeat inputs per pass)."""
-    context = tokenizer.decode(input_ids[row, max(0, pos - before) : pos + 1].tolist())
-    thought = tokenizer.decode(thought_ids[row, pos].tolist())
-    upcoming = tokenizer.decode(input_ids[row, pos + 1 : pos + 1 + after].tolist())
-    return f"...{context!r} <|startthought|>{thought!r}<|endthought|> -> {upcoming!r}"
+from .thought_text import thought_in_context
 
 
 @dataclass
