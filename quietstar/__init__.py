@@ -8,10 +8,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .attention import THOUGHT_ATTENTION_NAMES, register_attention_paths
 from .configuration import END_THOUGHT_TOKEN, START_THOUGHT_TOKEN, QuietStarConfig
+from .inputs import add_thought_tokens, check_thought_tokens
 from .layout import ThoughtLayout
-from .modeling import QuietStarForCausalLM, QuietStarOutput, add_thought_tokens, check_thought_tokens
+from .modeling import QuietStarForCausalLM, QuietStarOutput
 
-register_attention_paths()
+register_attention_paths()  # once, here: every quietstar module is imported through this package
 AutoConfig.register(QuietStarConfig.model_type, QuietStarConfig, exist_ok=True)
 AutoModelForCausalLM.register(QuietStarConfig, QuietStarForCausalLM, exist_ok=True)
 

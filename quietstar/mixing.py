@@ -49,3 +49,12 @@ class MixingHead(nn.Module):
         x = torch.cat([base_hidden, thought_hidden], dim=-1).to(self.mlp[0].weight.dtype)
         w = self.mlp(x).squeeze(-1)
         return torch.sigmoid(w) if self.activation == "sigmoid" else w
+
+
+def mixing_weight_stats(mixing_weights: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and std of w over real positions, without a host sync."""
+    real = attention_mask[:, :, None].expand_as(mixing_weights).float()
+    count = real.sum().clamp_min(1)
+    mean = (mixing_weights.float() * real).sum() / count
+    std = (((mixing_weights.float() - mean) ** 2 * real).sum() / count).sqrt()
+    return {"mixing_weight_mean": mean, "mixing_weight_std": std}

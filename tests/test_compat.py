@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from quietstar import QuietStarConfig, QuietStarForCausalLM
 from quietstar.compat import CACHE_KWARG, MIN_TRANSFORMERS, cache_of, check_transformers_version
+from quietstar.thought_forward import replay
 from tiny_models import tiny_base, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ def test_greedy_thoughts_sampled_through_the_cache_are_the_replays_argmax(checkp
     mask = torch.ones_like(ids)
     with torch.no_grad():
         thoughts = model(ids).thought_ids  # [B, L, N]
-        hidden = model.replay(ids, mask, torch.arange(7).expand(2, 7), thoughts)  # [B, 1+S, L, H]
+        hidden = replay(model, ids, mask, torch.arange(7).expand(2, 7), thoughts)  # [B, 1+S, L, H]
         logits = model.get_output_embeddings()(hidden[:, 1 : 1 + 3])  # steps sot, t_1, t_2 predict t_1..t_3
     assert torch.equal(logits.argmax(-1).permute(0, 2, 1), thoughts)
     if checkpointing:  # and thinking generation keeps its cache too: the greedy thought at the last position

@@ -85,3 +85,38 @@ def test_sliding_window_shorter_than_the_thought_sequence():
     with pytest.raises(ValueError, match=r"sliding window: 6 tokens \+ 5 thought steps .* span 11 positions, but the window is 8; use at most 3 tokens"):
         model(torch.randint(0, 90, (1, 6)))
     model(torch.randint(0, 90, (1, 3)))  # L + S == window: positions 0..7 all fit
+
+
+@pytest.mark.parametrize("keyword", [
+    "position_ids",  # the forward derives its own from the attention mask; packed sequences would be silently wrong
+    "past_key_values",
+    "cache_position",
+    "use_cache",
+    "output_attentions",
+    "num_items_in_batch",
+    "lables",  # a typo of labels: the loss would silently be None
+])
+def test_forward_refuses_keywords_it_does_not_use(model, keyword):
+    ids = torch.randint(0, 90, (2, 6))
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{keyword}'"):
+        model(ids, **{keyword: None})
+
+
+def test_forward_return_dict(model):
+    ids = torch.randint(0, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    thoughts = torch.randint(0, 90, (2, 6, 2), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids, labels=ids, thought_ids=thoughts, return_dict=True)
+        as_tuple = model(ids, labels=ids, thought_ids=thoughts, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(out) == 12  # every field is set with labels
+    assert torch.equal(as_tuple[0], out.loss)  # the same computation twice, thoughts given: bit equal
+    assert torch.equal(as_tuple[1], out.logits)
+
+
+def test_trainer_scales_the_loss_for_gradient_accumulation_itself(model, tmp_path):
+    """HF Trainer passes num_items_in_batch (and then skips its own division by the accumulation
+    steps) to a model whose forward takes **kwargs; this forward neither takes nor uses it."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, gradient_accumulation_steps=2)
+    assert Trainer(model=model, args=args).model_accepts_loss_kwargs is False

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from quietstar import QuietStarForCausalLM
+from quietstar.thought_forward import replay
 from tiny_models import padded_batch, tiny_base
 
 N, K, P = 2, 3, 2
@@ -73,8 +74,8 @@ def test_loss_terms_equal_direct_recomputation(clip):
         assert (out.advantages >= 0).all()
 
     # policy: -A_i * log pi(t_j) at the REINFORCE temperature (delimiters excluded), averaged
-    logits = model.base_lm.lm_head(model.replay(
-        ids.repeat_interleave(P, 0), mask.repeat_interleave(P, 0),
+    logits = model.base_lm.lm_head(replay(
+        model, ids.repeat_interleave(P, 0), mask.repeat_interleave(P, 0),
         __import__("quietstar").layout.base_position_ids(mask.repeat_interleave(P, 0)), out.thought_ids,
     )[:, 1 : N + 1]).double() / model.config.reinforce_temperature  # [B, N, L, V]
     log_pi = torch.log_softmax(logits, -1).gather(-1, out.thought_ids.transpose(1, 2)[..., None]).squeeze(-1)  # [B, N, L]

@@ -8,7 +8,7 @@ states, loss terms and gradients: incremental is a different schedule of the sam
 import pytest
 import torch
 
-from quietstar import QuietStarConfig, QuietStarForCausalLM
+from quietstar import QuietStarConfig, QuietStarForCausalLM, thought_forward
 from tiny_models import padded_batch, tiny_base
 
 N, K, P = 3, 3, 2
@@ -74,7 +74,7 @@ def test_given_thoughts_always_replay(monkeypatch):
     model = _model("llama", thought_forward="incremental")
     ids, mask = padded_batch(1, 8, "right", seed=6)
     called = []
-    monkeypatch.setattr(QuietStarForCausalLM, "incremental", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(thought_forward, "incremental", lambda *a, **k: called.append(1))
     thoughts = torch.randint(0, 90, (1, 8, N))
     out = model(ids, attention_mask=mask, labels=ids, thought_ids=thoughts)
     assert not called and torch.equal(out.thought_ids, thoughts.repeat_interleave(P, 0))
