@@ -1,4 +1,4 @@
-"""Thought sampling: cached, one step of L tokens per call (DESIGN.md section 4); without grad
+"""Thought sampling: cached, one step of L tokens per call (docs/DESIGN.md, "One training step"); without grad
 (then a replay) or with grad (the ``incremental`` thought forward): ``QuietStarForCausalLM.forward``."""
 
 from __future__ import annotations

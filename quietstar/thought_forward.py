@@ -4,7 +4,7 @@ Step 0 is the base token x_i; steps 1..S are sot, t_1..t_N, eot and the K - 1 fe
 x_{i+1}..x_{i+K-1} (docs/ALGORITHM.md). ``config.thought_forward`` picks how they are computed:
 
 - ``replay`` (default): sample the thoughts without grad into a KV cache, then feed all 1 + S steps
-  again in ONE forward with grad over the flattened ``(1+S)L`` sequence (DESIGN.md section 4).
+  again in ONE forward with grad over the flattened ``(1+S)L`` sequence (docs/DESIGN.md, "One training step").
 - ``incremental``: sample WITH grad into the KV cache and feed only the remaining steps on top of it.
 
 Both call the base model's decoder (``model.base_lm.base_model``) with the ``thought_layout``
