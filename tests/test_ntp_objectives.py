@@ -7,6 +7,7 @@ import torch
 from tiny_models import padded_batch, tiny_base
 
 from quietstar import QuietStarForCausalLM
+from quietstar.assets import byte_tokenizer, tiny_random_llama
 from quietstar.ntp import (
     distillation_loss,
     distillation_loss_from_logits,
@@ -164,6 +165,21 @@ def test_teacher_log_probs_average_the_passes_of_the_mixed_prediction():
     assert not torch.allclose(probs[:, 0], probs[:, 1], atol=1e-3)  # the two thoughts differ
     torch.testing.assert_close(lp.double(), expected, rtol=RTOL, atol=ATOL)
     assert not lp.requires_grad
+
+
+def test_teacher_log_probs_leave_out_the_delimiters_the_head_could_emit():
+    tokenizer = byte_tokenizer()  # 257 ids; the delimiters get 257 and 258, rows inside a 300-row table
+    base = tiny_random_llama(300, seed=0)
+    teacher = freeze_teacher(QuietStarForCausalLM.from_base(base, tokenizer=tokenizer, n_thought_tokens=2,
+                                                            n_talk_tokens=2, n_passes=1))
+    assert teacher.banned_token_ids == (257, 258)
+    ids, mask = padded_batch(2, 6, "right")
+    lp = teacher_log_probs(teacher, ids, mask, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = teacher(ids, attention_mask=mask, generator=torch.Generator().manual_seed(0)).logits.double()
+    keep = [v for v in range(300) if v not in (257, 258)]
+    torch.testing.assert_close(lp[..., keep].double(), torch.log_softmax(logits[..., keep], -1), rtol=RTOL, atol=ATOL)
+    assert lp[..., [257, 258]].exp().max() == 0
 
 
 def test_teacher_stays_frozen_while_the_student_trains():

@@ -101,7 +101,8 @@ def check_student(student, teacher=None) -> None:
     if isinstance(student.get_input_embeddings(), ThoughtDelimiterEmbedding):
         raise TypeError("the student still carries the thought delimiter embedding; build it with quietstar.ntp.make_student(teacher)")
     if teacher is not None:
-        width, teacher_width = student.get_output_embeddings().out_features, teacher.get_output_embeddings().out_features
+        width = student.get_output_embeddings().out_features
+        teacher_width = teacher.get_output_embeddings().out_features
         if width != teacher_width:
             raise ValueError(f"the student predicts {width} token ids but the teacher {teacher_width}; "
                              "both must share one tokenizer and head width")
