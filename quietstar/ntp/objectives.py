@@ -15,7 +15,8 @@ generation during inference." Everything else below is read from the authors' re
 (github.com/huangwei200012/Fast-Quiet-STaR at 7c035a9: ``make_quiet_infer_data.py``,
 ``run_sh/mistral_last.sh``, ``quiet-star-train.py --mode last_rl``, ``model_file/modeling_mistral_last.py``):
 
-- Teacher: the final curriculum checkpoint, run once over the training text in eval mode with one
+- Teacher: a checkpoint of the thought-length curriculum (the released run script reads the outputs
+  of the 12-token stage), run once over the training text in eval mode with one
   talk token (K = 1), one pass, thoughts sampled at Gumbel temperature 0.001 (nearly greedy); its
   mixed next-token logits are saved to disk and read back as ``labels_kl``.
 - Policy (student): the ORIGINAL base model (``--model_name Mistral-7B-v0.1``) run with
