@@ -82,6 +82,9 @@ def build(folder: str):
 
 
 def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(f"usage: official_step.py SPEC_JSON\n\n{__doc__}")
+        return
     import torch
 
     spec = json.loads(sys.argv[1])
