@@ -4,9 +4,9 @@
 #   (a) machine and versions; (b) quietstar imports (else kernel-only stages on a stub package)
 #   (c) compiled Triton tests and every Hopper kernel config in bf16 vs quietstar_torch, in parallel
 #   (e) whole-model step, quietstar_triton vs quietstar_torch (benchmarks/gpu_check/model_step.py)
-#   (d) benchmarks/attention_gpu.py, H 32 D 128 bf16, one process per (L, S), CSV out
+#   (d) benchmarks/attention.py, H 32 D 128 bf16, one process per (L, S), CSV out
 #   (g) benchmarks/train_throughput.py on SmolLM2-135M's shape (random weights), bf16 autocast, MFU
-#   (h) benchmarks/thought_forward.py: thought_forward replay vs incremental on the same shape
+#   (h) benchmarks/step_settings.py --compare thought-forward: replay vs incremental on the same shape
 #   (i) benchmarks/gpu_check/lora_7b_memory.py: train/configs/mistral7b_lora.yaml's step on Mistral-7B's shape
 # Stages run in the order c, e, g, h, d, i (most needed first: the budget may cut the last ones).
 # Writes $OUT/log.txt, attention_gpu.csv, throughput.txt, thought_forward.txt, lora_7b.txt ($OUT: ./gpu_out).
@@ -86,16 +86,16 @@ torch.cuda.get_device_capability())" || echo "!!! version probe failed"
     echo "=== (h) thought forward, replay vs incremental: SmolLM2-135M shape, quietstar_triton, bf16 autocast"
     if ((full)); then
       for shape in ${DESIGN_SHAPES:-4x256 1x1024}; do  # B 4 at L 1024 needs ~108 GB without checkpointing
-        stage h_thought_forward_$shape 90 $PY benchmarks/thought_forward.py --batch ${shape%x*} --lengths ${shape#*x} \
-          --rounds 3 2>&1 | tee -a "$OUT/thought_forward.txt"
+        stage h_thought_forward_$shape 90 $PY benchmarks/step_settings.py --compare thought-forward \
+          --batch ${shape%x*} --lengths ${shape#*x} --rounds 3 2>&1 | tee -a "$OUT/thought_forward.txt"
       done
     else echo "@@ h_thought_forward: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
   fi
 
   if [[ ${SKIP_BENCH:-0} != 1 ]]; then
-    echo "=== (d) benchmarks/attention_gpu.py, H 32 D 128 bf16, autotune on, one process per (L, S)"
+    echo "=== (d) benchmarks/attention.py, H 32 D 128 bf16, autotune on, one process per (L, S)"
     for L in ${BENCH_L:-1024 2048 4096}; do for S in ${BENCH_S:-8 16}; do
-      TRITON_PRINT_AUTOTUNING=1 stage d_bench_L${L}_S$S $((L < 4096 ? 60 : 90)) "${RUN[@]}" benchmarks/attention_gpu.py \
+      TRITON_PRINT_AUTOTUNING=1 stage d_bench_L${L}_S$S $((L < 4096 ? 60 : 90)) "${RUN[@]}" benchmarks/attention.py \
         --L $L --S $S --heads 32 --dim 128 --max-dense-mask-gib 1.5 --csv $Q/bench_L${L}_S$S.csv
     done; done
     awk 'FNR > 1 || NR == 1' $Q/bench_L*_S*.csv >"$OUT/attention_gpu.csv" 2>/dev/null

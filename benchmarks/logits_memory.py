@@ -4,12 +4,12 @@
     python benchmarks/logits_memory.py --seq-len 256 --chunk-elements 4194304,16777216
 
 The model is SmolLM2-135M's architecture (30 layers, hidden 576, vocab 49152) with random weights
-(``train_throughput.smollm2_shape_random``): memory and time do not depend on the weights. A step is
+(harness.py's ``smollm2-shape``): memory and time do not depend on the weights. A step is
 forward + backward with labels (no optimiser: its state is the same for both paths), N = 9, K = 4,
 P = 2, batch 1 by default, with the base model's gradient checkpointing on (as a run at this scale
 would have it: without it the replay's activations over (1 + S) L tokens, ~10 GB at L = 256, hide
 everything else; ``--no-gradient-checkpointing`` to keep them). ``full`` is ``model(..., return_logits=True)`` (the materialised
-``[B, L, V]`` / ``[B, L, K, V]`` logits, as before issue 10); ``light`` is ``return_logits=False``
+``[B, L, V]`` / ``[B, L, K, V]`` logits); ``light`` is ``return_logits=False``
 (quietstar/chunked_log_probs.py) at each ``--chunk-elements``.
 
 Each (L, path) runs in its own fresh process, with the same seed, so the same weights and thoughts:
@@ -21,7 +21,7 @@ the loss column must agree. Memory, on CPU, two ways:
   free, in order; the running sum's maximum). Exactly the tensors the step holds at its worst
   moment (activations, logits, saved tensors, gradients), unaffected by allocator caching or
   Python; the step runs once unprofiled first, so nothing is allocated for the first time there.
-* **RSS peak**: ``ru_maxrss`` of the fresh process after its first step (model, gradients, Python,
+* **RSS peak**: ``ru_maxrss`` of the fresh process after its unprofiled steps (model, gradients, Python,
   libraries, the allocator's unreturned pages): what the machine had to have.
 
 On CUDA the tensor peak is ``torch.cuda.max_memory_allocated`` above the step's start instead.
@@ -32,26 +32,23 @@ The step time is the median of the unprofiled steps (the machine may be shared);
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import platform
-import resource
-import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 
 def run_one(seq_len: int, path: str, chunk_elements: int, args, queue) -> None:
     import torch
 
     from quietstar import QuietStarForCausalLM
-    from train_throughput import smollm2_shape_random
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    base = smollm2_shape_random()
+    base = harness.random_base("smollm2-shape")
     if args.layers < len(base.model.layers):  # same width and vocabulary, fewer layers: same logits, less compute
         base.model.layers = base.model.layers[: args.layers]
         base.config.num_hidden_layers = args.layers
@@ -72,33 +69,31 @@ def run_one(seq_len: int, path: str, chunk_elements: int, args, queue) -> None:
         out.loss.backward()
         return out.loss.item()
 
-    times, cpu_times, rss_peak = [], [], None
-    for _ in range(max(args.steps, 1) if cuda else args.steps):  # CUDA measures the unprofiled steps
-        model.zero_grad(set_to_none=True)  # every step allocates its gradients, as a first step does
+    start_bytes = 0
+
+    def fresh_gradients():  # every step allocates its gradients, as a first step does
+        nonlocal start_bytes
+        model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start_bytes = torch.cuda.memory_allocated()
-        t0, cpu0 = time.perf_counter(), cpu_seconds()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(cpu_seconds() - cpu0)
-        if rss_peak is None:
-            rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    steps = max(args.steps, 1) if cuda else args.steps  # CUDA measures the unprofiled steps
+    timing = harness.time_steps(step, steps, warmup=0, prepare=fresh_gradients)
+    rss_peak, loss = harness.peak_rss_mib(), timing.result  # CPU: after the unprofiled steps
     if cuda:
-        tensor_peak = (torch.cuda.max_memory_allocated() - start_bytes) / 2**20
+        tensor_peak = harness.cuda_peak_mib(start_bytes)  # the weights alone were live at the start
     else:
         model.zero_grad(set_to_none=True)  # outside the trace: the peak is above the weights alone
-        t0, cpu0 = time.perf_counter(), cpu_seconds()
+        t0, cpu0 = time.perf_counter(), harness.process_cpu_seconds()
         tensor_peak, loss = profiled_tensor_peak(step)
-        tensor_peak /= 2**20
-        if not times:  # --steps 0: the profiled step is the process's only one; its time is the profiler's too
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(cpu_seconds() - cpu0)
-            rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(dict(seq_len=seq_len, path=path, chunk=chunk_elements, loss=loss, step_s=statistics.median(times), cpu_s=statistics.median(cpu_times),
-                   tensor_peak_mib=tensor_peak, rss_peak_mib=rss_peak,
-                   device=torch.cuda.get_device_name() if cuda else cpu_name()))
+        tensor_peak /= harness.MIB
+        if not steps:  # --steps 0: the profiled step is the process's only one; its time is the profiler's too
+            timing = harness.Timing(1e3 * (time.perf_counter() - t0), 1e3 * (harness.process_cpu_seconds() - cpu0))
+            rss_peak = harness.peak_rss_mib()
+    queue.put(dict(seq_len=seq_len, path=path, chunk=chunk_elements, loss=loss, step_ms=timing.wall_ms,
+                   cpu_ms=timing.cpu_ms, tensor_peak_mib=tensor_peak, rss_peak_mib=rss_peak))
 
 
 def profiled_tensor_peak(step) -> tuple[int, float]:
@@ -114,20 +109,6 @@ def profiled_tensor_peak(step) -> tuple[int, float]:
         live += nbytes
         peak = max(peak, live)
     return peak, loss
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process (all threads): on a shared machine, steadier than the wall clock."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -148,37 +129,24 @@ def main() -> None:
                         help="keep every layer's activations (L = 256 then needs > 12 GB on CPU)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # train_throughput, in the spawned children too
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")]))
-
-    ctx = mp.get_context("spawn")
+    print(harness.machine_stamp(args.threads))
     rows = []
     for seq_len in [int(x) for x in args.seq_len.split(",")]:
-        runs = [("full", 1 << 24)] + [("light", int(c)) for c in args.chunk_elements.split(",")]
-        batches = [runs] if args.parallel else [[run] for run in runs]
-        for batch in batches:
-            started = []
-            for path, chunk in batch:
-                queue = ctx.Queue()
-                proc = ctx.Process(target=run_one, args=(seq_len, path, chunk, args, queue))
-                proc.start()
-                started.append((path, proc, queue))
-            for path, proc, queue in started:
-                proc.join()  # a small dict: it fits the queue's pipe, so joining first is safe
-                if proc.exitcode != 0:
-                    raise SystemExit(f"the L = {seq_len} {path} step failed (exit code {proc.exitcode}); its traceback is above")
-                rows.append(queue.get(timeout=10))
-                print(rows[-1], flush=True)
+        runs = [(seq_len, "full", 1 << 24)] + [(seq_len, "light", int(c)) for c in args.chunk_elements.split(",")]
+        for batch in ([runs] if args.parallel else [[run] for run in runs]):
+            jobs = [(*run, args) for run in batch]
+            rows += harness.in_fresh_processes(run_one, jobs, lambda job: f"the L = {job[0]} {job[1]} step")
+            print(*rows[-len(jobs):], sep="\n", flush=True)
     print(f"\nSmolLM2-135M shape (vocab 49152, {args.layers} of 30 layers), batch {args.batch}, N = {args.n_thought}, K = {args.n_talk}, "
-          f"P = {args.passes}, forward + backward, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; device = {rows[0]['device']}, threads = {args.threads}\n")
-    print("| L | path | logits_chunk_elements | tensor peak MiB | RSS peak MiB | step wall s | step CPU s | loss |")
+          f"P = {args.passes}, forward + backward, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}\n")
+    print("| L | path | logits_chunk_elements | tensor peak MiB | RSS peak MiB | step wall ms | step CPU ms | loss |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         full = next(r for r in rows if r["seq_len"] == row["seq_len"] and r["path"] == "full")
         ratio = "" if row is full else f" ({full['tensor_peak_mib'] / row['tensor_peak_mib']:.1f}x less)"
         chunk = "-" if row is full else f"{row['chunk']:,}"
         print(f"| {row['seq_len']} | {row['path']} | {chunk} | {row['tensor_peak_mib']:.0f}{ratio} | "
-              f"{row['rss_peak_mib']:.0f} | {row['step_s']:.1f} | {row['cpu_s']:.1f} | {row['loss']:.6f} |")
+              f"{row['rss_peak_mib']:.0f} | {row['step_ms']:.0f} | {row['cpu_ms']:.0f} | {row['loss']:.6f} |")
 
 
 if __name__ == "__main__":

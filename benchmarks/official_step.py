@@ -1,4 +1,4 @@
-"""One training step of the OFFICIAL Quiet-STaR code on the issue-10 tiny Mistral (worker of step_vs_length.py).
+"""One training step of the OFFICIAL Quiet-STaR code on harness.py's tiny Mistral (worker of step_vs_length.py).
 
 The official code (github ezelikman/quiet-star: ``modeling_mistral.py``, ``configuration_mistral.py``)
 is not part of this repository and never copied into it. To run it, install transformers 4.37 into a
@@ -13,7 +13,7 @@ README says, e.g.::
 
 Settings are those of the official ``quiet-star-train.py`` (``model_init``): n_ahead 12 (N = 9),
 n_ahead_talk 4, n_passes 2, the same head options; wandb logging off and no kill-after. The model has
-the same shape as ours (hidden 256, 2 layers, 4 heads, intermediate 1024) with a 512-token byte-level
+the same shape as ours (harness.py's ``tiny-mistral``: hidden 256, 2 layers, 4 heads) with a 512-token byte-level
 GPT-2 tokenizer plus the two thought tokens (vocab 514), SDPA attention, fp32, batch 1.
 
     python benchmarks/official_step.py '{"length": 256, "steps": 3, "threads": 1}'   # prints one JSON line
@@ -23,12 +23,12 @@ import contextlib
 import io
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
 
-from step_vs_length import time_steps  # stdlib only; this file runs from benchmarks/
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (stdlib only at import: it runs under the official code's transformers 4.37)
 
 N_AHEAD, N_AHEAD_TALK, N_PASSES = 12, 4, 2  # the official names: N = n_ahead - 3 = 9, K = 4, P = 2
 
@@ -57,10 +57,9 @@ def build(folder: str):
     from transformers.models.mistral.configuration_mistral import MistralConfig
 
     tok = byte_tokenizer(folder)
+    shape = {**harness.MODEL_CONFIGS["tiny-mistral"][1], "vocab_size": 512}  # + the 2 thought tokens below
     config = MistralConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=4096, sliding_window=None,
-        max_thoughts=N_AHEAD + N_AHEAD_TALK + 1, merged_talk_heads=True, merged_lm_and_talk_heads=False,
+        **shape, max_thoughts=N_AHEAD + N_AHEAD_TALK + 1, merged_talk_heads=True, merged_lm_and_talk_heads=False,
         merged_lm_and_think_heads=True, use_concat_talk_head=True, use_shallow_think=True, use_shallow_talk=False,
         use_complex_think_head=False, use_complex_talk_head=True, use_weighted_talk_head=True,
     )
@@ -83,6 +82,9 @@ def build(folder: str):
 
 
 def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(f"usage: official_step.py SPEC_JSON\n\n{__doc__}")
+        return
     import torch
 
     spec = json.loads(sys.argv[1])
@@ -100,11 +102,11 @@ def main() -> None:
         return loss.item()
 
     with contextlib.redirect_stdout(io.StringIO()):  # the official forward prints as it goes
-        step_s, loss = time_steps(step, spec["steps"])
+        timing = harness.time_steps(step, spec["steps"])
     import transformers
 
-    print(json.dumps(dict(step_s=step_s, peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                          loss=loss, vocab=vocab, quietstar_file="official", transformers=transformers.__version__)))
+    print(json.dumps(dict(step_ms=timing.wall_ms, peak_mib=harness.peak_rss_mib(), loss=timing.result, vocab=vocab,
+                          quietstar_file="official", transformers=transformers.__version__)))
 
 
 if __name__ == "__main__":

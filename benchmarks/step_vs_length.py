@@ -1,13 +1,13 @@
-"""Training step vs sequence length (issue 10): a Quiet-STaR step against a plain step of the same model.
+"""Training step vs sequence length: a Quiet-STaR step against a plain step of the same model.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/step_vs_length.py                  # L = 64..1024
     python benchmarks/step_vs_length.py --lengths 256 --steps 3                       # one point
     python benchmarks/step_vs_length.py --tree base=/path/to/old/checkout --tree new=.  # before/after
     python benchmarks/step_vs_length.py --official /tmp/official-deps:/tmp/official-stubs  # + the official code
 
-The model is the issue's tiny Mistral (hidden 256, 2 layers, 4 heads, vocab 514, random weights,
+The model is harness.py's ``tiny-mistral`` (hidden 256, 2 layers, 4 heads, vocab 514, random weights,
 sliding window off); Quiet-STaR with N = 9, K = 4, P = 2 (S = N + K + 1 = 14), batch 1, fp32. A
-step is forward + backward (no optimiser), as in the issue's table. Every (tree, L, kind) point runs
+step is forward + backward (no optimiser). Every (tree, L, kind) point runs
 in its own fresh process (``--repeats`` of them; the median over processes of each process's median
 step), so its peak RSS (``ru_maxrss``) is that step's alone; the process imports ``quietstar`` from
 the tree it is given (``PYTHONPATH``), which is how one run compares two checkouts on one machine
@@ -16,7 +16,7 @@ under the same load. Kinds:
 * ``plain``: the base model alone (SDPA attention), ``labels = input_ids``;
 * ``quietstar``: the full step (no-grad thought sampling, then the replay with grad, losses);
 * ``incremental``: the full step with ``thought_forward="incremental"`` (sampling with grad into the
-  KV cache, no replay; benchmarks/thought_forward.py compares the two designs in one process);
+  KV cache, no replay; ``step_settings.py --compare thought-forward`` compares the two in one process);
 * ``given``: the same step with the thoughts given (``thought_ids=``), i.e. without the sampling
   pass: an upper bound on what removing the sampling pass's cost could gain;
 * ``official`` (with ``--official PYTHONPATH``): the official code's step on the same model shape,
@@ -41,38 +41,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 N_THOUGHT, N_TALK, N_PASSES = 9, 4, 2
-HIDDEN, LAYERS, HEADS, VOCAB, INTERMEDIATE = 256, 2, 4, 514, 1024
-
-# The issue's table (issue 10), measured by another session with the official code (transformers 4.37,
-# its own venv) and with this project at its commit of the time, median of 3 fresh processes.
-# Machine: AMD EPYC (AVX2), 2 threads, fp32. It cannot be rerun here (the official code is not part of
-# this repository), so it is quoted, never mixed with this machine's figures.
-OFFICIAL = {  # L: (official s, ours-then s, official peak MB, ours-then peak MB, plain s)
-    64: (0.753, 0.606, 566, 620, 0.024),
-    128: (1.493, 1.050, 770, 789, 0.034),
-    256: (3.863, 2.535, 1205, 1188, 0.06),
-    512: (11.79, 5.83, 2128, 1767, 0.13),
-    1024: (39.05, 12.50, 4448, 2851, 0.31),
-}
+_, _TINY = harness.MODEL_CONFIGS["tiny-mistral"]
+HIDDEN, LAYERS, HEADS, VOCAB, INTERMEDIATE = (_TINY[k] for k in ("hidden_size", "num_hidden_layers",
+                                                                 "num_attention_heads", "vocab_size", "intermediate_size"))
 
 
 def build_model(kind: str):
-    import torch
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    config = MistralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                           num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
-                           max_position_embeddings=4096, sliding_window=None)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    base = harness.random_base("tiny-mistral", attn_implementation="sdpa")
     if kind == "plain":
         return base.train()
     from quietstar import QuietStarForCausalLM
@@ -82,7 +65,7 @@ def build_model(kind: str):
 
 
 def worker(spec: dict) -> dict:
-    """One fresh process: build, warm up once, time ``steps`` steps; median step time and peak RSS."""
+    """One fresh process: build, warm up once, time ``steps`` steps; median step ms and peak RSS MiB."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -105,23 +88,11 @@ def worker(spec: dict) -> dict:
         model.zero_grad(set_to_none=True)
         return float(loss)
 
-    step_s, loss = time_steps(step, spec["steps"])
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timing = harness.time_steps(step, spec["steps"])
     import quietstar
 
-    return dict(step_s=step_s, peak_mb=peak_mb, loss=loss, quietstar_file=quietstar.__file__)
-
-
-def time_steps(step, n: int) -> tuple[float, object]:
-    """One warm-up call of ``step``, then ``n`` timed calls: (median seconds, the last call's result).
-    Stdlib only: official_step.py uses it under its own transformers install."""
-    step()
-    times, result = [], None
-    for _ in range(n):
-        t0 = time.perf_counter()
-        result = step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+    return dict(step_ms=timing.wall_ms, peak_mib=harness.peak_rss_mib(), loss=timing.result,
+                quietstar_file=quietstar.__file__)
 
 
 def step_flops(L: int) -> dict:
@@ -161,19 +132,9 @@ def run_point(tree: str, kind: str, length: int, args) -> dict:
         if not official and not result["quietstar_file"].startswith(os.path.abspath(tree)):
             raise SystemExit(f"worker imported {result['quietstar_file']}, not the tree {tree}: check PYTHONPATH")
         results.append(result)
-    return dict(step_s=statistics.median(r["step_s"] for r in results),
-                peak_mb=statistics.median(r["peak_mb"] for r in results),
+    return dict(step_ms=statistics.median(r["step_ms"] for r in results),
+                peak_mib=statistics.median(r["peak_mib"] for r in results),
                 loss=results[0]["loss"], load=os.getloadavg()[0])
-
-
-def machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs"
 
 
 def main() -> None:
@@ -191,11 +152,10 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    trees = dict(t.split("=", 1) for t in (args.tree or [f"this={repo}"]))
+    trees = dict(t.split("=", 1) for t in (args.tree or [f"this={harness.REPO}"]))
     lengths = [int(x) for x in args.lengths.split(",")]
     kinds = args.kinds.split(",")
-    load_before = os.getloadavg()
+    load_before = harness.load_average()
     rows = {}
     for L in lengths:  # trees interleaved per point, so a change of load hits both alike
         if args.official:
@@ -205,48 +165,49 @@ def main() -> None:
             for kind in kinds:
                 rows[name, L, kind] = run_point(tree, kind, L, args)
                 print(f"# {name} L={L} {kind}: {rows[name, L, kind]}", file=sys.stderr, flush=True)
-    load_after = os.getloadavg()
 
-    print(f"\nMachine: {machine()}; torch threads {args.threads}; load average (1, 5, 15 min) "
-          f"{'/'.join(f'{x:.2f}' for x in load_before)} before, {'/'.join(f'{x:.2f}' for x in load_after)} after. "
-          f"Tiny Mistral (hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, intermediate {INTERMEDIATE}, vocab {VOCAB}), "
-          f"N={N_THOUGHT}, K={N_TALK}, P={N_PASSES}, batch 1, fp32; forward + backward; "
-          f"median of {args.steps} steps after a warm-up, {args.repeats} fresh process(es) per point.\n")
+    print(f"\n{harness.machine_stamp(args.threads)}; load average before {load_before}. Tiny Mistral (hidden {HIDDEN}, "
+          f"{LAYERS} layers, {HEADS} heads, intermediate {INTERMEDIATE}, vocab {VOCAB}), N={N_THOUGHT}, K={N_TALK}, "
+          f"P={N_PASSES}, batch 1, fp32; forward + backward; median of {args.steps} steps after a warm-up, "
+          f"{args.repeats} fresh process(es) per point.\n")
     for name in trees:
-        print(f"**{name}** ({trees[name]})\n")
-        print("| L | Quiet-STaR s | plain s | cost ratio | FLOP ratio | cost / FLOP | given thoughts s (no sampling) "
-              "| no-sampling gain | peak MB | plain peak MB | above plain MB | official s | speed-up vs official "
-              "| official peak MB | incremental s | incremental vs official | load |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print_tree_table(name, trees[name], rows, lengths)
+    first, *others = list(trees)
+    for other in others:
+        print(f"**{other} vs {first}** (same run): speed-up = {first} ms / {other} ms\n")
+        print("| L | speed-up | peak MiB change |")
+        print("|---|---|---|")
         for L in lengths:
-            qs, plain, given = (rows.get((name, L, k)) for k in ("quietstar", "plain", "given"))
-            if qs is None or plain is None:
-                continue
-            cost, flops = qs["step_s"] / plain["step_s"], flop_ratio(L)
-            g = f"{given['step_s']:.3f} | {100 * (1 - given['step_s'] / qs['step_s']):.0f}%" if given else "- | -"
-            off = rows.get(("official", L))
-            o = f"{off['step_s']:.3f} | {off['step_s'] / qs['step_s']:.2f}x | {off['peak_mb']:.0f}" if off else "- | - | -"
-            inc = rows.get((name, L, "incremental"))
-            i = f"{inc['step_s']:.3f} | " + (f"{off['step_s'] / inc['step_s']:.2f}x" if off else "-") if inc else "- | -"
-            print(f"| {L} | {qs['step_s']:.3f} | {plain['step_s']:.4f} | {cost:.1f}x | {flops:.1f}x | {cost / flops:.2f} "
-                  f"| {g} | {qs['peak_mb']:.0f} | {plain['peak_mb']:.0f} | {qs['peak_mb'] - plain['peak_mb']:.0f} "
-                  f"| {o} | {i} | {qs['load']:.1f} |")
+            a, b = rows.get((first, L, "quietstar")), rows.get((other, L, "quietstar"))
+            if a is not None and b is not None:
+                print(f"| {L} | {a['step_ms'] / b['step_ms']:.2f}x | {b['peak_mib'] - a['peak_mib']:+.0f} |")
         print()
-    if len(trees) > 1:
-        first, *others = list(trees)
-        for other in others:
-            print(f"**{other} vs {first}** (same run): speed-up {first} s / {other} s, and the speed-up over the "
-                  f"official code chained through {first} (issue's official / issue's ours-then x {first} / {other})\n")
-            print("| L | speed-up | chained vs official | peak MB change |")
-            print("|---|---|---|---|")
-            for L in lengths:
-                a, b = rows.get((first, L, "quietstar")), rows.get((other, L, "quietstar"))
-                if a is None or b is None:
-                    continue
-                speed = a["step_s"] / b["step_s"]
-                chained = f"{OFFICIAL[L][0] / OFFICIAL[L][1] * speed:.2f}x" if L in OFFICIAL else "-"
-                print(f"| {L} | {speed:.2f}x | {chained} | {b['peak_mb'] - a['peak_mb']:+.0f} |")
-            print()
+    print_flop_bound(lengths)
+
+
+def print_tree_table(name: str, tree: str, rows: dict, lengths: list[int]) -> None:
+    print(f"**{name}** ({tree})\n")
+    print("| L | Quiet-STaR ms | plain ms | cost ratio | FLOP ratio | cost / FLOP | given thoughts ms (no sampling) "
+          "| no-sampling gain | peak MiB | plain peak MiB | above plain MiB | official ms | speed-up vs official "
+          "| official peak MiB | incremental ms | incremental vs official | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for L in lengths:
+        qs, plain, given = (rows.get((name, L, k)) for k in ("quietstar", "plain", "given"))
+        if qs is None or plain is None:
+            continue
+        cost, flops = qs["step_ms"] / plain["step_ms"], flop_ratio(L)
+        g = f"{given['step_ms']:.1f} | {100 * (1 - given['step_ms'] / qs['step_ms']):.0f}%" if given else "- | -"
+        off = rows.get(("official", L))
+        o = f"{off['step_ms']:.1f} | {off['step_ms'] / qs['step_ms']:.2f}x | {off['peak_mib']:.0f}" if off else "- | - | -"
+        inc = rows.get((name, L, "incremental"))
+        i = f"{inc['step_ms']:.1f} | " + (f"{off['step_ms'] / inc['step_ms']:.2f}x" if off else "-") if inc else "- | -"
+        print(f"| {L} | {qs['step_ms']:.1f} | {plain['step_ms']:.2f} | {cost:.1f}x | {flops:.1f}x | {cost / flops:.2f} "
+              f"| {g} | {qs['peak_mib']:.0f} | {plain['peak_mib']:.0f} | {qs['peak_mib'] - plain['peak_mib']:.0f} "
+              f"| {o} | {i} | {qs['load']:.1f} |")
+    print()
+
+
+def print_flop_bound(lengths: list[int]) -> None:
     print("FLOP bound on the speed-up over the official code (official FLOPs / ours, the model above): what equal "
           "efficiency of both codes allows; beyond it only the official's slower kernels (dense masked attention) help.\n")
     print("| L | official GFLOP | ours (replay) GFLOP | bound, replay | ours (incremental) GFLOP | bound, incremental |")
@@ -255,12 +216,6 @@ def main() -> None:
         f = step_flops(L)
         print(f"| {L} | {f['official'] / 1e9:.0f} | {f['quietstar'] / 1e9:.0f} | {f['official'] / f['quietstar']:.2f}x "
               f"| {f['incremental'] / 1e9:.0f} | {f['official'] / f['incremental']:.2f}x |")
-    print()
-    print("> Quoted from issue 10 (AMD EPYC, AVX2, 2 threads, fp32; the official code under transformers 4.37 "
-          "and this project at the time; another machine, not rerun here):\n>")
-    print("> | L | official s | ours then s | official peak MB | ours then peak MB | plain s |\n> |---|---|---|---|---|---|")
-    for L, (off, ours, off_mb, ours_mb, plain) in OFFICIAL.items():
-        print(f"> | {L} | {off} | {ours} | {off_mb} | {ours_mb} | {plain} |")
 
 
 if __name__ == "__main__":

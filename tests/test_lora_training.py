@@ -106,13 +106,28 @@ def test_lora_control_run_exports_a_merged_plain_lm(tmp_path):
     assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], plain.model.layers[0].self_attn.q_proj.weight)
 
 
+def _count_layer_calls_with_grad(model) -> list[int]:
+    """A one-element counter of the calls, made with grad, of the modules inside each decoder layer:
+    checkpointing recomputes each in backward. (The layer's own hooks would not show it: transformers
+    >= 5.25 checkpoints the layer's forward, not its __call__.)"""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    calls = [0]
+    for layer in (m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
+        for child in layer.children():
+            child.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + torch.is_grad_enabled()))
+    return calls
+
+
 def test_gradient_checkpointing_gives_the_adapters_the_same_gradients():
     """The recipe's LoRA + gradient checkpointing: frozen base layers recomputed, the same gradients."""
-    grads = {}
+    grads, layer_calls = {}, {}
     for checkpointing in ("false", "true"):
         cfg = load_config(TINY, ["model.lora.r=4", f"model.gradient_checkpointing={checkpointing}"])
         torch.manual_seed(0)  # the adapters' A matrices
         model, _ = build_model(cfg.model, cfg.thought, seed=0)
+        assert model.base_lm.is_gradient_checkpointing == (checkpointing == "true")
+        layer_calls[checkpointing] = _count_layer_calls_with_grad(model)
         with torch.no_grad():
             for i, (name, p) in enumerate(n_p for n_p in model.named_parameters() if "lora_B" in n_p[0]):
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
@@ -120,6 +135,8 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients():
         thoughts = torch.randint(0, 256, (2, 16, 3), generator=torch.Generator().manual_seed(1))
         model(ids, labels=ids, thought_ids=thoughts).loss.backward()
         grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    # Checkpointing really ran: every layer call with grad was recomputed once in backward.
+    assert layer_calls["false"][0] > 0 and layer_calls["true"][0] == 2 * layer_calls["false"][0], layer_calls
     assert all(g is not None for g in grads["true"].values()) and grads["true"].keys() == grads["false"].keys()
     for name, grad in grads["false"].items():
         torch.testing.assert_close(grads["true"][name], grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")

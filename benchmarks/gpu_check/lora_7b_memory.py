@@ -6,29 +6,27 @@ The model the recipe trains (LoRA r 16 on every linear layer, gradient checkpoin
 under bf16 autocast, quietstar_triton, N 9 K 4 P 2, the memory-light forward), built from
 Mistral-7B-v0.1's config with random weights (memory and time do not depend on them; the GPU has no
 network). For each batch x length: one warm-up step and one timed step (forward + backward + AdamW
-on the trainable tensors); prints the weights' memory, the peak allocated during the timed step and
-the step time. ``--tiny`` shrinks the model so the script's logic runs on a CPU.
+on the trainable tensors); prints the weights' memory, the peak allocated during the timed step (MiB)
+and the step time (ms). ``--tiny`` shrinks the model so the script's logic runs on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import peft
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig
 
-from quietstar import QuietStarForCausalLM
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402
 
+from quietstar import QuietStarForCausalLM  # noqa: E402
 
-def mistral_7b_config(tiny: bool) -> MistralConfig:
-    if tiny:
-        return MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
-    return MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False)
+# --tiny: the same architecture, small enough for a CPU
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=None)
 
 
 def main() -> None:
@@ -39,9 +37,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     attn = "quietstar_triton" if cuda else "quietstar_torch"
-    torch.manual_seed(0)
     with device:
-        base = AutoModelForCausalLM.from_config(mistral_7b_config(args.tiny), dtype=torch.bfloat16)
+        base = harness.random_base("mistral-7b-shape", dtype=torch.bfloat16, **(TINY if args.tiny else {}))
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     model = QuietStarForCausalLM.from_base(base, n_thought_tokens=9, n_talk_tokens=4, n_passes=2,
                                            embedding_scale=1.0, attn_implementation=attn, lora=lora)
@@ -49,12 +46,11 @@ def main() -> None:
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=cuda)
-    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"Machine: {name}; torch {torch.__version__}; Mistral-7B shape{' (TINY)' if args.tiny else ''}, random bf16 "
-          f"weights {weights_gib:.1f} GiB, trainable {sum(p.numel() for p in trainable) / 1e6:.1f}M; {attn}, "
+    weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / harness.MIB
+    print(f"{harness.machine_stamp()}\nMistral-7B shape{' (TINY)' if args.tiny else ''}, random bf16 "
+          f"weights {weights_mib:.0f} MiB, trainable {sum(p.numel() for p in trainable) / 1e6:.1f}M; {attn}, "
           "LoRA r 16 all-linear, gradient checkpointing, bf16 autocast, N 9 K 4 P 2, memory-light forward\n")
-    print("| batch x L | rows x tokens in the replay | peak allocated GiB | above weights GiB | step s |")
+    print("| batch x L | rows x tokens in the replay | peak allocated MiB | above weights MiB | step ms |")
     print("|---|---|---|---|---|")
     vocab = model.get_input_embeddings().num_embeddings - 2
     for shape in args.shapes.split(","):
@@ -69,25 +65,18 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        try:
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
+        try:  # one warm-up step, then one timed step; the peak is the timed step's
+            timing = harness.time_steps(step, 1, warmup=1, sync=harness.cuda_sync(),
+                                        prepare=torch.cuda.reset_peak_memory_stats if cuda else None)
         except torch.OutOfMemoryError as err:
             print(f"| {B} x {L} | out of memory: {str(err).splitlines()[0][:120]} | | | |", flush=True)
             opt.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.empty_cache()
             continue
-        seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        peak = harness.cuda_peak_mib() if cuda else float("nan")
         tokens = B * 2 * (1 + 14) * L
-        print(f"| {B} x {L} | {B * 2} x {tokens // (B * 2)} | {peak:.1f} | {peak - weights_gib:.1f} | {seconds:.2f} |",
+        print(f"| {B} x {L} | {B * 2} x {tokens // (B * 2)} | {peak:.0f} | {peak - weights_mib:.0f} | {timing.wall_ms:.0f} |",
               flush=True)
 
 

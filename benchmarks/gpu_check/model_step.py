@@ -8,27 +8,28 @@
    every gradient within 1e-3 relative norm.
 3. bf16, head dim 128, L = 1024, B = 2, P = 2, S = 13: loss within 2e-2 and median gradient
    rel-norm within 5e-2; then step times (median of 4 after 2 warm-ups) of the replay fwd+bwd and of
-   the full step with sampling, per path.
+   the full step with sampling, per path (harness.time_steps).
 Exit status = number of failed checks.
 """
 
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from quietstar import QuietStarForCausalLM
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402
+
+from quietstar import QuietStarForCausalLM  # noqa: E402
 
 PATHS = ("quietstar_torch", "quietstar_triton")
 failures = 0
+print(harness.machine_stamp(), flush=True)
 
 
 def build(dtype, hidden, L, **thought):
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192))
+    base = harness.random_base("tiny-llama", hidden_size=hidden, intermediate_size=2 * hidden)
     model = QuietStarForCausalLM.from_base(base, n_thought_tokens=8, n_talk_tokens=4, n_passes=2,
                                            policy_loss_weight=1.0, **thought)
     with torch.no_grad():  # a non-zero mixing head, so the talk path's gradients are exercised
@@ -108,13 +109,6 @@ model, ids, mask, thoughts = build(torch.bfloat16, 512, 1024)  # head dim 128; 1
 compare("bf16 head_dim 128, fixed thoughts", model, ids, mask, thoughts, strict=False)
 for path in PATHS:
     for label, given in (("replay fwd+bwd", thoughts), ("full step with sampling", None)):
-        times = []
-        for _ in range(6):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step(model, path, ids, mask, given)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        print(f"[bf16 step B=2 P=2 L=1024 S=13] {path:16s} {label:23s} {1e3 * statistics.median(times[2:]):8.1f} ms",
-              flush=True)
+        timing = harness.time_steps(lambda: step(model, path, ids, mask, given), 4, warmup=2, sync=torch.cuda.synchronize)
+        print(f"[bf16 step B=2 P=2 L=1024 S=13] {path:16s} {label:23s} {timing.wall_ms:8.1f} ms", flush=True)
 raise SystemExit(failures)

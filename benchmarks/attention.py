@@ -1,9 +1,11 @@
-"""Thought attention on one GPU: the fused Triton kernel against every other way to compute it.
+"""The thought attention op, every path that computes it, forward and backward (GPU or CPU).
 
-    python benchmarks/attention_gpu.py [--L 1024 2048 4096] [--S 8 16] [--heads 32] [--dim 128]
-                                       [--csv out.csv] [--max-dense-mask-gib 4]
+    python benchmarks/attention.py [--L 1024 2048 4096] [--S 8 16] [--heads 32] [--dim 128]   # CUDA
+                                   [--csv out.csv] [--max-dense-mask-gib 4]
+    python benchmarks/attention.py --cpu [--L 256 512 1024] [--S 8 14] [--repeats 3]          # CPU
+    python benchmarks/attention.py --cpu --quick                                              # smoke run
 
-For each (L, S), bf16, batch 1, H heads of dim D, forward and forward+backward, it times
+**On CUDA**, for each (L, S), bf16, batch 1, H heads of dim D, forward and forward+backward, it times
 (``triton.testing.do_bench``, median ms) and reports useful TFLOP/s -- counting only the (query, key)
 entries the visibility rule allows, 4*D flops each forward and 2.5x that again for the backward --
 for:
@@ -16,18 +18,27 @@ for:
                         what a dense-tile causal kernel achieves on the same work
 
 Ratios are each path's time over quietstar_triton's (>1: the Triton kernel is faster).
+
+**On CPU** (``--cpu``, or no GPU): ``quietstar_torch`` against ``quietstar_reference`` (the dense
+mask), fp32, B 1, H 4, D 64 by default, forward + backward of the op, then a whole Quiet-STaR
+training step (sampling, replay, losses, backward, AdamW) of a tiny Llama (hidden 128, 2 layers)
+on each path, N 9, K 4, P 2, B 2. Every case runs in a fresh process, so its
+peak is that process's peak RSS above its RSS once the inputs exist; time = median of the repeats
+after a warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 from quietstar.layout import is_visible, useful_entries  # noqa: E402
 
@@ -164,22 +175,106 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['L']:>5} {r['S']:>3} {r['mode']:>8} {r['path']:>17} {ms:>9} {tf:>8} {ratio:>9}  {r['note']}")
 
 
+# ---------------------------------------------------------------- CPU: quietstar_torch vs the dense reference
+
+DENSE_BUDGET_MIB = 12 * 1024  # skip dense cases whose score/prob/grad tensors would exceed this
+
+
+def dense_mib(L: int, S: int, H: int) -> float:
+    T = (1 + S) * L
+    return 4 * H * T * T * 4 / harness.MIB  # scores, probabilities and their two gradients, fp32
+
+
+def cpu_op_case(path: str, L: int, S: int, H: int, D: int, repeats: int, queue) -> None:
+    from quietstar.ops import thought_attention_reference, thought_attention_torch
+
+    op = {"torch": thought_attention_torch, "reference": thought_attention_reference}[path]
+    torch.manual_seed(0)
+    T = (1 + S) * L
+    q, k, v = (torch.randn(1, H, T, D, requires_grad=True) for _ in range(3))
+    pad = torch.ones(1, L, dtype=torch.bool)
+    grad = torch.randn(1, H, T, D)
+    start_mib = harness.rss_mib()
+
+    def step():
+        op(q, k, v, base_len=L, key_padding_mask=pad).backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    timing = harness.time_steps(step, repeats)
+    queue.put({"ms": timing.wall_ms, "peak_mib": harness.peak_rss_mib() - start_mib})
+
+
+def cpu_step_case(path: str, L: int, repeats: int, queue) -> None:
+    from quietstar import QuietStarForCausalLM
+
+    base = harness.random_base("tiny-llama", hidden_size=128, intermediate_size=256, num_key_value_heads=4,
+                               max_position_embeddings=L + 64)
+    model = QuietStarForCausalLM.from_base(base, n_thought_tokens=9, n_talk_tokens=4, n_passes=2,
+                                           attn_implementation=f"quietstar_{path}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, 512, (2, L))
+    start_mib = harness.rss_mib()
+
+    def step():
+        model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    timing = harness.time_steps(step, repeats)
+    queue.put({"ms": timing.wall_ms, "tokens_per_s": batch.numel() / timing.wall_ms * 1e3,
+               "peak_mib": harness.peak_rss_mib() - start_mib})
+
+
+def main_cpu(args) -> None:
+    L_values = args.L or ([64, 128] if args.quick else [256, 512, 1024])
+    S_values, H, D = args.S or [8, 14], args.heads or 4, args.dim or 64
+    print(harness.machine_stamp(torch.get_num_threads()))
+    print(f"\n## Thought attention op, forward+backward, B=1 H={H} D={D} fp32\n")
+    print("| L | S | torch ms | dense ms | time ratio | torch peak MiB | dense peak MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for L in L_values:
+        for S in S_values:
+            fast = harness.in_fresh_process(cpu_op_case, ("torch", L, S, H, D, args.repeats), f"torch L={L} S={S}")
+            if dense_mib(L, S, H) > DENSE_BUDGET_MIB:
+                print(f"| {L} | {S} | {fast['ms']:.1f} | skipped: needs ~{dense_mib(L, S, H) / 1024:.0f} GiB | - | "
+                      f"{fast['peak_mib']:.0f} | - | - |", flush=True)
+                continue
+            dense = harness.in_fresh_process(cpu_op_case, ("reference", L, S, H, D, args.repeats), f"dense L={L} S={S}")
+            print(f"| {L} | {S} | {fast['ms']:.1f} | {dense['ms']:.1f} | {dense['ms'] / fast['ms']:.1f}x | "
+                  f"{fast['peak_mib']:.0f} | {dense['peak_mib']:.0f} | "
+                  f"{dense['peak_mib'] / max(fast['peak_mib'], 1):.1f}x |", flush=True)
+    L = 64 if args.quick else 256
+    print(f"\n## Full training step, tiny Llama (2 layers, hidden 128), N=9 K=4 P=2 B=2 L={L}\n")
+    print("| path | step ms | tokens/s | peak MiB |")
+    print("|---|---|---|---|")
+    results = {}
+    for path in ("torch", "reference"):
+        results[path] = r = harness.in_fresh_process(cpu_step_case, (path, L, args.repeats), f"{path} step")
+        print(f"| quietstar_{path} | {r['ms']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_mib']:.0f} |", flush=True)
+    ratio = results["torch"]["tokens_per_s"] / results["reference"]["tokens_per_s"]
+    print(f"\nquietstar_torch / quietstar_reference tokens/s: {ratio:.2f}x")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--L", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--S", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--max-dense-mask-gib", type=float, default=4.0)
-    parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--cpu", action="store_true", help="the CPU comparison (the default without a GPU)")
+    parser.add_argument("--L", type=int, nargs="+", default=None, help="CUDA: 1024 2048 4096; CPU: 256 512 1024")
+    parser.add_argument("--S", type=int, nargs="+", default=None, help="CUDA: 8 16; CPU: 8 14")
+    parser.add_argument("--heads", type=int, default=None, help="CUDA: 32; CPU: 4")
+    parser.add_argument("--dim", type=int, default=None, help="CUDA: 128; CPU: 64")
+    parser.add_argument("--max-dense-mask-gib", type=float, default=4.0, help="CUDA: skip the dense SDPA path above it")
+    parser.add_argument("--csv", type=Path, default=None, help="CUDA: write the rows here")
+    parser.add_argument("--repeats", type=int, default=2, help="CPU: timed repeats per case")
+    parser.add_argument("--quick", action="store_true", help="CPU: L 64 128 and a step at L 64, for a smoke run")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("attention_gpu.py needs a CUDA GPU (none found): it times GPU kernels. "
-                 "The CPU tests (tests/test_triton_attention.py) check correctness without one.")
+    if args.cpu or not torch.cuda.is_available():
+        return main_cpu(args)
     ok, why = __import__("triton_kernels").is_available()
     if not ok:
         sys.exit(f"triton kernels unavailable: {why}")
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  B=1 H={args.heads} D={args.dim}")
+    args.L, args.S = args.L or [1024, 2048, 4096], args.S or [8, 16]
+    args.heads, args.dim = args.heads or 32, args.dim or 128
+    print(f"{harness.machine_stamp()}\nbf16  B=1 H={args.heads} D={args.dim}")
     rows = run(args)
     print_table(rows)
     if args.csv:
