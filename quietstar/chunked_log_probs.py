@@ -1,4 +1,4 @@
-"""Target and thought log-probabilities straight from hidden states, a chunk of rows at a time (issue 10).
+"""Target and thought log-probabilities straight from hidden states, a chunk of rows at a time.
 
 At a real vocabulary the LM head's outputs dominate a training step's memory: the talk, shifted
 base and mixed logits are each ``[B, L, K, V]`` (plus the fp32 log-softmax copies autograd keeps),

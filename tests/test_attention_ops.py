@@ -121,8 +121,8 @@ def test_bad_shapes_are_named():
 
 
 def test_chunk_budget_depends_on_the_device():
-    """CPU keeps small chunks (issue 10); GPUs take 8x larger ones: 2M-element chunks made the chunked
-    replay 4x slower on an H100 (benchmarks/RESULTS.md, "The GPU regression this run found")."""
+    """CPU keeps small chunks; GPUs take 8x larger ones: 2M-element chunks made the chunked replay 4x
+    slower on an H100 (benchmarks/RESULTS.md, "--compare chunks")."""
     rows, L = 32, 1024  # e.g. B 2, 2 kv heads, 8 query rows each
     cpu, gpu = tp._chunk_len(rows, L, "cpu"), tp._chunk_len(rows, L, "cuda")
     assert cpu == (1 << 21) // (rows * L) and gpu == (1 << 24) // (rows * L) == 8 * cpu

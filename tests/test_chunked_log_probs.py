@@ -1,4 +1,4 @@
-"""The memory-light forward (``return_logits=False``, issue 10) against the full-logits forward.
+"""The memory-light forward (``return_logits=False``) against the full-logits forward.
 
 Same thoughts, same weights: loss terms, rewards, advantages, per-target log-probs and the
 gradient of every parameter must agree to fp32 rounding, for chunk sizes that do and do not divide

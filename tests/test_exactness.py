@@ -85,7 +85,7 @@ def test_reference_and_torch_paths_agree_in_the_model(arch):
     for name in ref[1]:
         # Absolute tolerance on each gradient's own scale: the delimiter gradients reach ~600 (the x100
         # embedding_scale), where fp32 rounding alone is ~1e-4 absolute on either path (against an fp64
-        # run, both paths are off by ~3e-7 of the largest entry; issue 10).
+        # run, both paths are off by ~3e-7 of the largest entry).
         atol = 1e-5 * max(1.0, ref[1][name].abs().max().item())
         torch.testing.assert_close(fast[1][name], ref[1][name], atol=atol, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 

@@ -2,7 +2,7 @@
 
 Given the same generator, both designs must sample the same thoughts and produce the same hidden
 states, loss terms and gradients: incremental is a different schedule of the same computation
-(benchmarks/thought_forward.py measures which is faster where).
+(benchmarks/step_settings.py --compare thought-forward measures which is faster where).
 """
 
 import pytest

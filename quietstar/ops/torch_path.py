@@ -31,8 +31,8 @@ from .reference import _check_qkv
 # Elements of fp32 scores per chunk (all batch x head slices together), by device. CPU (where this
 # path runs only with USE_CPU_FLASH off): 2M, so the chunks skip most of the masked upper triangle
 # of the L x L square even at L = 256 (16M made the chunk the whole L up to L = 546: 10-13% slower,
-# 190-350 MiB more peak; issue 10). GPU: 16M, fewer and larger launches (2M made the replay 3.9x
-# slower on an H100, benchmarks/torch_path_chunks.py).
+# 190-350 MiB more peak). GPU: 16M, fewer and larger launches (2M made the replay 3.9x
+# slower on an H100, benchmarks/step_settings.py --compare chunks).
 _CHUNK_SCORE_ELEMENTS = 1 << 21
 _CHUNK_SCORE_ELEMENTS_ACCELERATOR = 1 << 24
 
