@@ -14,7 +14,7 @@ from quietstar.evaluation import load_examples
 from quietstar.evaluation.cli import run as eval_main
 from quietstar.evaluation.zero_shot_cot import (
     CotProtocol, cut_at_stop_marker, extract_answer, extract_first_integer, gold_answer, majority_vote, question_order,
-    reinit_delimiters_from_text, sampling_kwargs, select_questions, stop_token_ids, vote_on_texts, zero_shot_cot,
+    continue_texts, reinit_delimiters_from_text, sample_votes, sampling_kwargs, select_questions, stop_token_ids, vote_on_texts, zero_shot_cot,
 )
 from tiny_models import tiny_base
 
@@ -121,9 +121,9 @@ def test_seeded_run_is_reproducible_and_respects_the_lengths():
             assert text.startswith(prompt) and text.count(TRIGGER) == 1
             reasoning, answer = text[len(prompt):].split(TRIGGER)
             assert len(reasoning) <= 10 and len(answer) <= 4
-    # a question's answers do not depend on the questions before it (seeded by seed + index)
-    alone = zero_shot_cot(model, tok, ROWS[:1], protocol, seed=0)
-    assert alone["per_question"][0]["texts"] == first["per_question"][0]["texts"]
+    # question i is seeded with seed + i, so its answers do not depend on the questions before it
+    torch.manual_seed(0 + 1)
+    assert sample_votes(model, tok, ROWS[1]["question"], protocol) == first["per_question"][1]["texts"]
 
 
 def test_no_thoughts_is_the_base_lm_and_thinking_differs():
@@ -148,6 +148,15 @@ def test_no_thoughts_is_the_base_lm_and_thinking_differs():
     assert thinking[0] != plain[0]
     with pytest.raises(ValueError, match="cannot think"):
         zero_shot_cot(model.base_lm, tok, ROWS[:1], protocol, think=True)
+
+
+def test_batched_continuations_of_different_lengths_match_one_by_one():
+    model, tok = tiny_thinking_model()
+    protocol = CotProtocol(temperature=0)
+    texts = ["Q: 12 + 30 =", "Q: a much longer question, 7 * 6 ="]  # left padding for the first
+    batched = continue_texts(model, tok, texts, 5, protocol, think=False)
+    alone = [continue_texts(model, tok, [text], 5, protocol, think=False)[0] for text in texts]
+    assert batched == alone and all(b.startswith(t) and len(b) > len(t) for b, t in zip(batched, texts))
 
 
 def test_reinit_delimiters_from_dashes():
