@@ -65,6 +65,46 @@ def test_vote_on_hand_made_generations():
     assert unanswered["majority"] is None and not unanswered["correct"]  # no answer is never right
 
 
+class ScriptedModel(torch.nn.Module):
+    """``generate`` appends hand-made continuations: the reasonings on its first call, the answers on its second."""
+
+    def __init__(self, tok, reasonings, answers):
+        super().__init__()
+        self.tok, self.script, self.calls = tok, [reasonings, answers], []
+        self.base_lm = None  # looks like a thinking model
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # for the device
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        replies = self.script[len(self.calls)]
+        self.calls.append(kwargs)
+        new = [self.tok(reply, add_special_tokens=False)["input_ids"][: kwargs["max_new_tokens"]] for reply in replies]
+        width = max(map(len, new))
+        pad = self.tok.pad_token_id
+        tails = torch.tensor([ids + [pad] * (width - len(ids)) for ids in new])  # finished rows emit padding
+        return torch.cat([input_ids, tails], dim=1)
+
+
+def test_protocol_on_hand_made_generations():
+    tok = char_tokenizer()
+    reasonings = [" 3 + 4 = 7.  \n", " 3 + 4 = 8.\nQ: another question 99", " I do not know"]
+    model = ScriptedModel(tok, reasonings, [" 7.", " 8 apples", " seven"])
+    protocol = CotProtocol(n_votes=3)
+    out = zero_shot_cot(model, tok, ROWS[:1], protocol)["per_question"][0]
+    prompt = "Q: " + ROWS[0]["question"] + "\nA: Let's think step by step."
+    assert out["texts"] == [  # right-stripped, cut at a second "Q:", then the trigger and the answer
+        prompt + " 3 + 4 = 7." + TRIGGER + " 7.",
+        prompt + " 3 + 4 = 8." + TRIGGER + " 8 apples",
+        prompt + " I do not know" + TRIGGER + " seven",
+    ]
+    assert out["votes"] == [7, 8, None] and out["majority"] == 7 and out["gold"] == 7 and out["correct"]  # tie: first
+    reasoning_call, answer_call = model.calls
+    assert reasoning_call["max_new_tokens"] == 384 and answer_call["max_new_tokens"] == 12
+    for call in model.calls:
+        assert call["think"] is True and call["eos_token_id"] == stop_token_ids(tok)
+        assert {k: call[k] for k in ("do_sample", "temperature", "top_k", "top_p")} == {
+            "do_sample": True, "temperature": 0.9, "top_k": 0, "top_p": 1.0}
+
+
 def test_stop_markers_cut_at_their_second_occurrence():
     prompt = "Q: how many\nA: Let's think step by step."
     assert cut_at_stop_marker(prompt + " 3 + 4 = 7.\nQ: next one") == (prompt + " 3 + 4 = 7.\n", True)
@@ -197,11 +237,11 @@ def test_quietstar_eval_zero_shot_cot_with_a_baseline(tmp_path, capsys):
     assert row["n"] == 2 and all(0 <= row[k] <= 1 for k in report["columns"])
     sample = load_examples("gsm8k")
     assert [q["question"] for q in details["thinking"]] == [sample[0]["question"], sample[7]["question"]]  # shuffled
-    # the baseline column is the baseline model's own generation, not this model's
-    reference, reference_tok = load_model(baseline, baseline_tok)
-    expected = zero_shot_cot(reference, reference_tok, [sample[0], sample[7]], CotProtocol(cot_tokens=5, answer_tokens=2, n_votes=2),
-                             think=False, seed=0)
-    assert [q["texts"] for q in details["baseline"]] == [q["texts"] for q in expected["per_question"]]
+    # each column is its model's own generation, with or without thoughts (same function, same seeds as here)
+    protocol = CotProtocol(cot_tokens=5, answer_tokens=2, n_votes=2)
+    for key, spec, think in (("thinking", (saved,), True), ("base", (saved,), False), ("baseline", (baseline, baseline_tok), False)):
+        expected = zero_shot_cot(*load_model(*spec), [sample[0], sample[7]], protocol, think=think, seed=0)
+        assert [q["texts"] for q in details[key]] == [q["texts"] for q in expected["per_question"]], key
     assert [q["texts"] for q in details["baseline"]] != [q["texts"] for q in details["base"]]
     out = capsys.readouterr().out
     assert "| this model, thinking (N=2) | this model's base LM, no thoughts | baseline model" in out
