@@ -13,8 +13,9 @@ from quietstar import QuietStarForCausalLM
 from quietstar.evaluation import load_examples
 from quietstar.evaluation.cli import run as eval_main
 from quietstar.evaluation.zero_shot_cot import (
-    CotProtocol, cut_at_stop_marker, extract_answer, extract_first_integer, gold_answer, majority_vote, question_order,
-    continue_texts, reinit_delimiters_from_text, sample_votes, sampling_kwargs, select_questions, stop_token_ids, vote_on_texts, zero_shot_cot,
+    CotProtocol, continue_texts, cut_at_stop_marker, extract_answer, extract_first_integer, gold_answer, majority_vote,
+    question_order, reinit_delimiters_from_text, sample_votes, sampling_kwargs, select_questions, stop_token_ids,
+    vote_on_texts, zero_shot_cot,
 )
 from tiny_models import tiny_base
 
@@ -239,12 +240,14 @@ def test_quietstar_eval_zero_shot_cot_with_a_baseline(tmp_path, capsys):
     assert [q["question"] for q in details["thinking"]] == [sample[0]["question"], sample[7]["question"]]  # shuffled
     # each column is its model's own generation, with or without thoughts (same function, same seeds as here)
     protocol = CotProtocol(cot_tokens=5, answer_tokens=2, n_votes=2)
-    for key, spec, think in (("thinking", (saved,), True), ("base", (saved,), False), ("baseline", (baseline, baseline_tok), False)):
+    columns = (("thinking", (saved,), True), ("base", (saved,), False), ("baseline", (baseline, baseline_tok), False))
+    for key, spec, think in columns:
         expected = zero_shot_cot(*load_model(*spec), [sample[0], sample[7]], protocol, think=think, seed=0)
         assert [q["texts"] for q in details[key]] == [q["texts"] for q in expected["per_question"]], key
     assert [q["texts"] for q in details["baseline"]] != [q["texts"] for q in details["base"]]
     out = capsys.readouterr().out
     assert "| this model, thinking (N=2) | this model's base LM, no thoughts | baseline model" in out
-    assert json.loads((tmp_path / "r.json").read_text())["details"]["gsm8k"]["thinking"][0]["votes"] == details["thinking"][0]["votes"]
+    saved_report = json.loads((tmp_path / "r.json").read_text())
+    assert saved_report["details"]["gsm8k"]["thinking"][0]["votes"] == details["thinking"][0]["votes"]
     with pytest.raises(SystemExit):
         eval_main(["--mode", "zero-shot-cot", "--model", saved, "--tasks", "commonsense_qa", *settings])

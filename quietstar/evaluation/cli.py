@@ -69,10 +69,14 @@ def thought_overrides(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in ("thought_temperature", "n_thought_tokens") if getattr(args, name) is not None}
 
 
-MODES = {"metric": "teacher-forced metric (mean renormalised answer probability)", "zero-shot-cot": "zero-shot CoT, majority vote (accuracy)"}
+MODES = {
+    "metric": "teacher-forced metric (mean renormalised answer probability)",
+    "zero-shot-cot": "zero-shot CoT, majority vote (accuracy)",
+}
 BASE_NOTE = (
-    "note: \"this model's base LM\" is the base model inside --model; for a trained or converted model that is its trained "
-    "weights, not the untouched model (e.g. Mistral-7B) the paper's baseline numbers are measured on: --baseline-model scores that"
+    "note: \"this model's base LM\" is the base model inside --model; for a trained or converted model that is its "
+    "trained weights, not the untouched model (e.g. Mistral-7B) the paper's baseline numbers are measured on: "
+    "--baseline-model scores that"
 )
 
 
@@ -80,11 +84,14 @@ def add_cot_arguments(parser: argparse.ArgumentParser) -> None:
     """``--mode zero-shot-cot`` settings; the defaults are the official script's (``CotProtocol``)."""
     g = parser.add_argument_group("zero-shot-cot (the official zero-shotcot-eval.py protocol)")
     default = CotProtocol()
-    g.add_argument("--votes", type=int, default=default.n_votes, help="samples per question, majority-voted")
-    g.add_argument("--cot-tokens", type=int, default=default.cot_tokens, help="max tokens of the chain of thought")
-    g.add_argument("--answer-tokens", type=int, default=default.answer_tokens, help="max tokens after the answer trigger")
+    g.add_argument("--votes", type=int, default=default.n_votes,
+                   help="samples per question, majority-voted (default %(default)s)")
+    g.add_argument("--cot-tokens", type=int, default=default.cot_tokens,
+                   help="max tokens of the chain of thought (default %(default)s)")
+    g.add_argument("--answer-tokens", type=int, default=default.answer_tokens,
+                   help="max tokens after the answer trigger (default %(default)s)")
     g.add_argument("--temperature", type=float, default=default.temperature,
-                   help="emitted tokens' temperature (0 = greedy; thoughts: --thought-temperature)")
+                   help="emitted tokens' temperature (default %(default)s; 0 = greedy; thoughts: --thought-temperature)")
     g.add_argument("--top-k", type=int, default=default.top_k, help="0 = off, as the script")
     g.add_argument("--top-p", type=float, default=default.top_p, help="1 = off, as the script")
     g.add_argument("--question-order", choices=("shuffled", "file"), default="shuffled",
@@ -107,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="saved QuietStarForCausalLM dir, base model path/hub id, or 'smollm2'")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     p.add_argument("--baseline-model", default=None,
-                   help="also score this model without thoughts in the same run (any --model spec), e.g. mistralai/Mistral-7B-v0.1")
+                   help="also score this model without thoughts in the same run (any --model spec), "
+                        "e.g. mistralai/Mistral-7B-v0.1")
     p.add_argument("--baseline-tokenizer", default=None, help="the baseline's tokenizer (default: its own)")
     p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS),
                    help="default: both (metric), gsm8k (zero-shot-cot, GSM8K only)")
