@@ -147,12 +147,12 @@ def test_sampling_is_the_whole_softmax_at_the_protocol_temperature():
 
 def test_seeded_run_is_reproducible_and_respects_the_lengths():
     model, tok = tiny_thinking_model()
-    protocol = CotProtocol(cot_tokens=10, answer_tokens=4, n_votes=3)
+    protocol = CotProtocol(cot_tokens=6, answer_tokens=3, n_votes=3)
     first = zero_shot_cot(model, tok, ROWS, protocol, seed=0)
     again = zero_shot_cot(model, tok, ROWS, protocol, seed=0)  # same code path twice: bit-identical
-    other = zero_shot_cot(model, tok, ROWS, protocol, seed=1)
+    other = zero_shot_cot(model, tok, ROWS[:1], protocol, seed=1)
     assert first == again
-    assert [q["texts"] for q in first["per_question"]] != [q["texts"] for q in other["per_question"]]
+    assert first["per_question"][0]["texts"] != other["per_question"][0]["texts"]
     assert first["n"] == 2 and first["accuracy"] == sum(q["correct"] for q in first["per_question"]) / 2
     for row, q in zip(ROWS, first["per_question"]):
         assert q["gold"] == gold_answer(row) and len(q["texts"]) == 3
@@ -161,7 +161,7 @@ def test_seeded_run_is_reproducible_and_respects_the_lengths():
             prompt = protocol.prompt(row["question"])
             assert text.startswith(prompt) and text.count(TRIGGER) == 1
             reasoning, answer = text[len(prompt):].split(TRIGGER)
-            assert len(reasoning) <= 10 and len(answer) <= 4
+            assert len(reasoning) <= 6 and len(answer) <= 3
     # question i is seeded with seed + i, so its answers do not depend on the questions before it
     torch.manual_seed(0 + 1)
     assert sample_votes(model, tok, ROWS[1]["question"], protocol) == first["per_question"][1]["texts"]
