@@ -70,15 +70,32 @@ def test_paper_metric_end_to_end_equals_manual_computation():
 
 
 def test_quietstar_eval_cli_on_a_saved_model(tmp_path, capsys):
+    from quietstar.evaluation.cli import load_model
+
     tok = char_tokenizer()
     model = QuietStarForCausalLM.from_base(tiny_base("qwen2"), tokenizer=tok, n_thought_tokens=2, n_talk_tokens=2, n_passes=1)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    results = eval_main(["--model", str(tmp_path / "m"), "--limit", "4", "--batch-size", "4", "--output", str(tmp_path / "r.json")])
-    assert set(results) == {"gsm8k", "commonsense_qa"}
-    for row in results.values():
+    tiny_base("qwen2", seed=5).save_pretrained(tmp_path / "plain")  # the reference model: other weights
+    char_tokenizer().save_pretrained(tmp_path / "tok")  # apart: beside a qwen2 config it would load as Qwen2Tokenizer
+    baseline, baseline_tok = str(tmp_path / "plain"), str(tmp_path / "tok")
+    report = eval_main(["--model", str(tmp_path / "m"), "--limit", "4", "--batch-size", "4", "--baseline-model", baseline,
+                        "--baseline-tokenizer", baseline_tok, "--output", str(tmp_path / "r.json")])
+    assert report["mode"] == "metric" and set(report["results"]) == {"gsm8k", "commonsense_qa"}
+    assert report["columns"] == {"thinking": "this model, thinking (N=2)", "base": "this model's base LM, no thoughts",
+                                 "baseline": f"baseline model {baseline}, no thoughts"}
+    reference, reference_tok = load_model(baseline, baseline_tok)
+    for task, row in report["results"].items():
         assert row["n"] == 4 and 0 < row["thinking"] <= 1 and row["thinking"] == pytest.approx(row["base"], rel=1e-4)  # w = 0
-    assert "commonsense_qa" in capsys.readouterr().out and (tmp_path / "r.json").exists()
+        # the baseline column scores the baseline model (same function, same inputs as here)
+        expected = paper_metric(reference, reference_tok, load_examples(task, limit=4), task, use_thoughts=False)["score"]
+        assert row["baseline"] == pytest.approx(expected, rel=1e-9)
+        assert row["baseline"] != pytest.approx(row["base"], rel=1e-3)
+    out = capsys.readouterr().out
+    assert "| task | n | this model, thinking (N=2) | this model's base LM, no thoughts | baseline model " in out
+    assert "not the untouched model" in out and (tmp_path / "r.json").exists()
+    only_thinking = eval_main(["--model", str(tmp_path / "m"), "--tasks", "gsm8k", "--limit", "2", "--no-base"])
+    assert list(only_thinking["columns"]) == ["thinking"] and set(only_thinking["results"]["gsm8k"]) == {"n", "thinking"}
 
 
 def test_valid_ids_of_byte_level_tokenizers():
