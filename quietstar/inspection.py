@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .evaluation.cli import add_thought_arguments, load_model, thought_overrides
+from .cli_args import add_model_arguments, load_from_args
 from .evaluation.metric import single_pass
 from .thought_text import thought_in_context
 
@@ -230,17 +230,14 @@ def render_terminal(report: Inspection, color: bool = True) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quietstar-inspect", description="Per-position thoughts, mixing weights and rewards of a text.")
-    p.add_argument("--model", required=True, help="saved QuietStarForCausalLM dir, base model path/hub id, or 'smollm2'")
-    p.add_argument("--tokenizer", default=None)
+    add_model_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text")
     source.add_argument("--file", help="a UTF-8 text file")
     p.add_argument("--output", default="quietstar_inspection.html", help="HTML report path ('-' for none)")
-    add_thought_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-color", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no terminal view")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
@@ -248,7 +245,7 @@ def run(argv: list[str] | None = None) -> Inspection:
     """The command's work; returns the report (for scripts and tests)."""
     args = build_parser().parse_args(argv)
     text = args.text if args.text is not None else open(args.file, encoding="utf-8").read()
-    model, tokenizer = load_model(args.model, args.tokenizer, args.device, **thought_overrides(args))
+    model, tokenizer = load_from_args(args, "quietstar-inspect")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     report = inspect_text(model, tokenizer, text, generator=generator, model_name=args.model)
     if not args.quiet:

@@ -24,6 +24,7 @@ import torch
 
 from .assets import byte_tokenizer, load_smollm2, tiny_random_llama
 from .configuration import QuietStarConfig
+from .inputs import check_thought_tokens
 from .modeling import QuietStarForCausalLM
 
 OFFLINE_SPECS = ("tiny-random-llama", "smollm2")
@@ -54,6 +55,7 @@ def load_model(spec: str, *, thought: dict | None = None, tokenizer: str | None 
     elif path is not None and _model_type(path) == "quietstar":
         model = QuietStarForCausalLM.from_pretrained(str(path), dtype=dtype)
         tok = _tokenizer(tokenizer or str(path))
+        _check_delimiters(tok, model.config, str(path))
         _apply_overrides(model, thought, attn_implementation, str(path))
     else:
         base, tok = _load_base(spec, path, tokenizer, dtype, seed)
@@ -94,6 +96,13 @@ def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+def _check_delimiters(tok, config, where: str) -> None:
+    try:
+        check_thought_tokens(tok, config)
+    except ValueError as err:
+        raise ModelSpecError(f"{where}: {err}") from None
 
 
 def _path_kwargs(attn_implementation: str | None) -> dict:

@@ -70,7 +70,7 @@ def test_paper_metric_end_to_end_equals_manual_computation():
 
 
 def test_quietstar_eval_cli_on_a_saved_model(tmp_path, capsys):
-    from quietstar.evaluation.cli import load_model
+    from quietstar.cli_args import load_for_evaluation as load_model
 
     tok = char_tokenizer()
     model = QuietStarForCausalLM.from_base(tiny_base("qwen2"), tokenizer=tok, n_thought_tokens=2, n_talk_tokens=2, n_passes=1)
@@ -84,7 +84,7 @@ def test_quietstar_eval_cli_on_a_saved_model(tmp_path, capsys):
     assert report["mode"] == "metric" and set(report["results"]) == {"gsm8k", "commonsense_qa"}
     assert report["columns"] == {"thinking": "this model, thinking (N=2)", "base": "this model's base LM, no thoughts",
                                  "baseline": f"baseline model {baseline}, no thoughts"}
-    reference, reference_tok = load_model(baseline, baseline_tok)
+    reference, reference_tok = load_model(baseline, tokenizer=baseline_tok)
     for task, row in report["results"].items():
         assert row["n"] == 4 and 0 < row["thinking"] <= 1 and row["thinking"] == pytest.approx(row["base"], rel=1e-4)  # w = 0
         # the baseline column scores the baseline model (same function, same inputs as here)

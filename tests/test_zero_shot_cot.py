@@ -220,7 +220,7 @@ def _save(model, tok, folder):
 
 
 def test_quietstar_eval_zero_shot_cot_with_a_baseline(tmp_path, capsys):
-    from quietstar.evaluation.cli import load_model
+    from quietstar.cli_args import load_for_evaluation as load_model
 
     model, tok = tiny_thinking_model(seed=0)
     saved = _save(model, tok, tmp_path / "m")
@@ -240,9 +240,9 @@ def test_quietstar_eval_zero_shot_cot_with_a_baseline(tmp_path, capsys):
     assert [q["question"] for q in details["thinking"]] == [sample[0]["question"], sample[7]["question"]]  # shuffled
     # each column is its model's own generation, with or without thoughts (same function, same seeds as here)
     protocol = CotProtocol(cot_tokens=5, answer_tokens=2, n_votes=2)
-    columns = (("thinking", (saved,), True), ("base", (saved,), False), ("baseline", (baseline, baseline_tok), False))
-    for key, spec, think in columns:
-        expected = zero_shot_cot(*load_model(*spec), [sample[0], sample[7]], protocol, think=think, seed=0)
+    columns = (("thinking", (saved, None), True), ("base", (saved, None), False), ("baseline", (baseline, baseline_tok), False))
+    for key, (spec, tokenizer), think in columns:
+        expected = zero_shot_cot(*load_model(spec, tokenizer=tokenizer), [sample[0], sample[7]], protocol, think=think, seed=0)
         assert [q["texts"] for q in details[key]] == [q["texts"] for q in expected["per_question"]], key
     assert [q["texts"] for q in details["baseline"]] != [q["texts"] for q in details["base"]]
     out = capsys.readouterr().out

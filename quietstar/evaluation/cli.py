@@ -26,47 +26,10 @@ import sys
 
 import torch
 
+from ..cli_args import add_model_arguments, load_for_evaluation, load_from_args
 from .data import TASKS, load_examples
 from .metric import paper_metric
 from .zero_shot_cot import CotProtocol, reinit_delimiters_from_text, select_questions, zero_shot_cot
-
-
-def load_model(spec: str, tokenizer_path: str | None = None, device: str = "cpu", **thought_kwargs):
-    """(QuietStarForCausalLM, tokenizer) from a saved model, a base model path, or ``smollm2``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from quietstar import QuietStarForCausalLM
-    from quietstar.modeling import check_thought_tokens
-
-    if spec == "smollm2":
-        from quietstar.assets import load_smollm2
-
-        base, tokenizer = load_smollm2()
-        model = QuietStarForCausalLM.from_base(base, tokenizer=tokenizer, **thought_kwargs)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or spec)
-        if getattr(AutoConfig.from_pretrained(spec), "model_type", None) == "quietstar":
-            model = AutoModelForCausalLM.from_pretrained(spec)
-            check_thought_tokens(tokenizer, model.config)
-            for key, value in thought_kwargs.items():
-                setattr(model.config, key, value)
-        else:
-            model = QuietStarForCausalLM.from_base(spec, tokenizer=tokenizer, **thought_kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
-
-
-def add_thought_arguments(parser: argparse.ArgumentParser) -> None:
-    """The thought settings every evaluation command can override (``quietstar-eval/-inspect/-heldout``)."""
-    parser.add_argument("--thought-temperature", type=float, default=None,
-                        help="thoughts' sampling temperature (default: the model's; 1.0 as in the paper, 0 = greedy)")
-    parser.add_argument("--n-thought-tokens", type=int, default=None, help="thought length N (default: the model's)")
-
-
-def thought_overrides(args: argparse.Namespace) -> dict:
-    """The thought settings given on the command line, as ``load_model`` keyword arguments."""
-    return {name: getattr(args, name) for name in ("thought_temperature", "n_thought_tokens") if getattr(args, name) is not None}
 
 
 MODES = {
@@ -111,8 +74,7 @@ def cot_protocol(args: argparse.Namespace) -> CotProtocol:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quietstar-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=list(MODES), default="metric", help="which of the paper's evaluations")
-    p.add_argument("--model", required=True, help="saved QuietStarForCausalLM dir, base model path/hub id, or 'smollm2'")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    add_model_arguments(p)
     p.add_argument("--baseline-model", default=None,
                    help="also score this model without thoughts in the same run (any --model spec), "
                         "e.g. mistralai/Mistral-7B-v0.1")
@@ -124,11 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N questions only (zero-shot-cot default: 128, the script's)")
     p.add_argument("--batch-size", type=int, default=8, help="metric mode: questions per forward")
     p.add_argument("--max-length", type=int, default=None, help="metric mode: max tokens per question (prompt cut on the left)")
-    add_thought_arguments(p)
     add_cot_arguments(p)
     p.add_argument("--no-base", action="store_true", help="skip this model's base-LM (no thoughts) column")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default=None, help="write the scores (and per-question details) as JSON here")
     return p
 
@@ -200,7 +160,7 @@ def run(argv: list[str] | None = None) -> dict:
     results = {task: {"n": len(rows)} for task, rows in data.items()}
     details = {task: {} for task in tasks}
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, args.tokenizer, args.device, **thought_overrides(args))
+    model, tokenizer = load_from_args(args, "quietstar-eval")
     if args.reinit_delimiters:
         reinit_delimiters_from_text(model, tokenizer)
     labels = column_labels(args, model.config.n_thought_tokens)
@@ -209,7 +169,8 @@ def run(argv: list[str] | None = None) -> dict:
     for key, use_thoughts in jobs:
         if key == "baseline":  # after this model's columns, so that one model is in memory at a time
             _release(model)
-            model, tokenizer = load_model(args.baseline_model, args.baseline_tokenizer, args.device)
+            model, tokenizer = load_for_evaluation(args.baseline_model, tokenizer=args.baseline_tokenizer,
+                                                   device=args.device, prog="quietstar-eval")
         for task, rows in data.items():
             out = evaluate(model, tokenizer, task, rows, args, use_thoughts)
             results[task][key], details[task][key] = out["score"], out["detail"]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..losses import IGNORE, talk_targets, token_log_probs
-from .cli import add_thought_arguments, load_model, thought_overrides
+from ..cli_args import add_model_arguments, load_from_args
 from .metric import sequence_logits
 
 __all__ = ["HeldoutReport", "by_decile", "heldout_evaluation", "text_windows", "main"]
@@ -241,15 +241,12 @@ def by_decile(reference: torch.Tensor, columns: dict[str, torch.Tensor]) -> list
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quietstar-heldout", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="saved QuietStarForCausalLM dir, base model path/hub id, or 'smollm2'")
+    add_model_arguments(p)
     p.add_argument("--file", required=True, help="held-out text file (UTF-8)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="thought-sampling seeds, averaged")
     p.add_argument("--max-windows", type=int, default=None, help="first N windows only")
-    add_thought_arguments(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default=None, help="write the report as JSON here")
     return p
 
@@ -258,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not Path(args.file).is_file():
         sys.exit(f"quietstar-heldout: --file {args.file!r} does not exist")
-    model, tokenizer = load_model(args.model, args.tokenizer, args.device, **thought_overrides(args))
+    model, tokenizer = load_from_args(args, "quietstar-heldout")
     text = Path(args.file).read_text(encoding="utf-8")
     report = heldout_evaluation(model, tokenizer, text, seq_len=args.seq_len, batch_size=args.batch_size,
                                 seeds=args.seeds, max_windows=args.max_windows, progress=sys.stderr.isatty())
