@@ -80,7 +80,10 @@ def main(argv=None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
         if args.accelerate_config:
-            check_accelerate_config(args.accelerate_config)
+            from .batch import batch_plan, check_budget
+
+            processes = int(check_accelerate_config(args.accelerate_config).get("num_processes", 1))
+            check_budget(cfg, batch_plan(cfg, processes))  # the batch split and the data budget, before launching
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
                    "--module", "quietstar.training.cli"]
             if args.config:

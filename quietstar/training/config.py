@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -105,8 +106,9 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     steps: int = 100  # optimiser steps
-    batch_size: int = 4  # sequences per process per micro-batch (x n_passes thoughts each)
-    grad_accum: int = 2
+    global_batch: int | None = None  # documents per optimiser step, ALL processes (batch.py); null: grows with them
+    batch_size: int = 4  # sequences per process per micro-batch (x n_passes); with global_batch: the largest
+    grad_accum: int = 2  # micro-batches per step (derived, not read, when global_batch is set)
     lr: float = 1e-6
     # Multiples of lr for the two parts Quiet-STaR adds (1 = the reference: one lr for everything; the
     # delimiters already move embedding_scale times faster under Adam, see thought.embedding_scale).
@@ -121,7 +123,9 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last step
     max_grad_norm: float = 1.0  # 0 disables clipping
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, none on CPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast; auto: bf16 on CUDA, none on CPU
+    # Weights' and AdamW moments' dtype on every launcher (precision.py); auto: model.dtype as built.
+    precision: Literal["auto", "bf16_weights_bf16_optimizer", "fp32_master_bf16_compute", "fp32"] = "auto"
     fused: bool = True  # fused AdamW where the device supports it
 
 
@@ -362,9 +366,11 @@ def validate(cfg: RunConfig) -> None:
         problems.append(f"data.max_documents must be >= 1 (or null for all), got {d.max_documents}")
     if cfg.cpu_threads < 0:
         problems.append(f"cpu_threads must be >= 0 (0: torch's default), got {cfg.cpu_threads}")
-    for name in ("steps", "batch_size", "grad_accum"):
-        if getattr(o, name) < 1:
+    for name in ("steps", "batch_size", "grad_accum", "global_batch"):
+        if getattr(o, name) is not None and getattr(o, name) < 1:
             problems.append(f"optim.{name} must be >= 1, got {getattr(o, name)}")
+    from .precision import precision_problems
+    problems.extend(precision_problems(o))
     if o.lr <= 0:
         problems.append(f"optim.lr must be > 0, got {o.lr}")
     for name in ("base_lr_scale", "mixing_head_lr_scale", "delimiter_lr_scale"):
@@ -374,22 +380,17 @@ def validate(cfg: RunConfig) -> None:
         problems.append("optim.warmup_steps and optim.max_grad_norm must be >= 0 and optim.min_lr_ratio in [0, 1]")
     if len(o.betas) != 2:
         problems.append(f"optim.betas must be two numbers, got {o.betas}")
-    for name in ("every", "thoughts_every", "n_thoughts"):
-        if getattr(cfg.logging, name) < 0:
-            problems.append(f"logging.{name} must be >= 0")
-    if cfg.logging.every < 1:
-        problems.append("logging.every must be >= 1")
+    if cfg.logging.every < 1 or min(cfg.logging.thoughts_every, cfg.logging.n_thoughts) < 0:
+        problems.append("logging.every must be >= 1, logging.thoughts_every and logging.n_thoughts >= 0")
     unknown_trackers = set(cfg.logging.trackers) - {"tensorboard", "wandb", "all"}
     if unknown_trackers:
         problems.append(f"logging.trackers: unknown {sorted(unknown_trackers)}; use tensorboard and/or wandb")
-    import importlib.util
-
     for tracker in cfg.logging.trackers:
         modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(tracker, ())
         if modules and not any(importlib.util.find_spec(m) for m in modules):
             problems.append(f"logging.trackers names {tracker!r}, which is not installed: pip install {modules[0]} "
                             "(or --set logging.trackers=[])")
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
+    if min(cfg.checkpoint.every, cfg.checkpoint.keep) < 0:
         problems.append("checkpoint.every and checkpoint.keep must be >= 0")
     if cfg.resume not in ("no", "auto") and not Path(cfg.resume).is_dir():
         problems.append(f"resume = {cfg.resume!r}: use 'no', 'auto' or an existing checkpoint folder")
@@ -439,8 +440,6 @@ def validate(cfg: RunConfig) -> None:
 def lora_problems(lora: LoraSettings) -> list[str]:
     """What is wrong with a ``model.lora`` section before any model exists (target names are checked
     against the model when it is built)."""
-    import importlib.util
-
     problems = []
     if importlib.util.find_spec("peft") is None:
         problems.append("model.lora needs the peft package: pip install 'quietstar[lora]' (or remove the model.lora section)")

@@ -14,8 +14,13 @@ Two sources, one contract (``next_batch()`` and ``state_dict()`` / ``position``)
   follow the new launch: keep that product (e.g. double grad_accum when halving the processes)
   and every optimiser step trains the same set of windows.
 - ``data.windows: document`` replaces packing by one window per document (the reference's
-  recipe), in both sources; ``data.max_documents`` keeps only the first documents.
-- :class:`StreamingDataset` (hub sets too large to download, ``data.streaming: true``): the stream
+  recipe), in both sources; ``data.max_documents`` keeps only the first documents. Those are a
+  budget: past them the run stops (batch.py checks at start) rather than start a second epoch;
+  without a budget a new epoch is announced with a warning, never silent.
+- A streamed set with ``data.max_documents`` reads those documents once from the stream, then is a
+  :class:`PackedDataset`: the same global order (and the same documents per step) on any process count.
+- :class:`StreamingDataset` (hub sets too large to download, ``data.streaming: true`` without a
+  budget): the stream
   is shuffled with a document buffer seeded by ``seed``, split across processes
   (``split_dataset_by_node``), tokenised and packed on the fly. Resuming re-reads and drops the
   windows already used (exact, but it costs a pass over the consumed part of the stream). The
@@ -92,13 +97,13 @@ def pack_tokens(tokens: np.ndarray, seq_len: int, pad_id: int) -> tuple[torch.Te
 
 class PackedDataset:
     def __init__(self, cfg: DataConfig, tokenizer, *, batch_size: int, rank: int, world_size: int, seed: int):
-        ds = load_documents(cfg, streaming=False)
+        ds = load_documents(cfg, streaming=cfg.streaming)  # streamed only with a budget (build_dataset)
         eos = _eos_id(tokenizer)
         pad = _pad_id(tokenizer)
         per_document = cfg.windows == "document"
         chunks = []
-        for start in range(0, len(ds), 1000):
-            texts = [t for t in ds[start : start + 1000][cfg.text_field] if isinstance(t, str) and t.strip()]
+        for rows in ds.iter(batch_size=1000):
+            texts = [t for t in rows[cfg.text_field] if isinstance(t, str) and t.strip()]
             for ids in tokenizer(texts, add_special_tokens=per_document)["input_ids"] if texts else []:
                 chunks.append(document_window(ids, cfg.seq_len, pad, seed, len(chunks)) if per_document
                               else np.asarray(ids + [eos], dtype=np.int64))
@@ -110,6 +115,7 @@ class PackedDataset:
         else:
             self.input_ids, self.attention_mask = pack_tokens(np.concatenate(chunks), cfg.seq_len, pad)  # [W, L]
         self.n_tokens = int(self.attention_mask.sum())
+        self.max_documents = cfg.max_documents  # a budget: no second epoch
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.position = 0  # global micro-batches consumed (by any process count)
         self.windows_consumed = 0  # c: windows of the global order consumed
@@ -120,6 +126,8 @@ class PackedDataset:
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
+            if epoch > 0:
+                announce_epoch(epoch, f"all {len(self)} windows", self.max_documents)
             self._orders = {epoch: torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed + epoch))}
         return self._orders[epoch]
 
@@ -193,6 +201,7 @@ class StreamingDataset:
             if not any_text:
                 raise ConfigError(f"data.path {self.cfg.path!r} streams no text in field {self.cfg.text_field!r} (empty dataset)")
             epoch += 1
+            announce_epoch(epoch, "this process's share of the stream", self.cfg.max_documents)
 
     def next_batch(self) -> dict:
         target = self.position * self.batch_size
@@ -219,8 +228,19 @@ class StreamingDataset:
                 "some windows are trained again and others skipped (packed data resumes exactly)", UserWarning, stacklevel=2)
 
 
+def announce_epoch(epoch: int, what: str, max_documents: int | None) -> None:
+    """Epoch ``epoch`` (0-based) begins: an error under a document budget, else a warning (never a silent repeat)."""
+    if max_documents is not None:
+        raise ConfigError(f"{what} of data.max_documents {max_documents} documents have been trained on; the run stops "
+                          "rather than repeat them: lower optim.steps or raise data.max_documents")
+    warnings.warn(f"data: {what} have been trained on; epoch {epoch + 1} repeats them in a new order "
+                  "(set data.max_documents to stop instead)", UserWarning, stacklevel=3)
+
+
 def build_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, rank: int, world_size: int, seed: int):
-    cls = StreamingDataset if cfg.streaming else PackedDataset
+    # A streamed budget is read once and kept: its order and documents per step then do not depend on
+    # the process count (split_dataset_by_node deals whole shards to processes when it can).
+    cls = StreamingDataset if cfg.streaming and cfg.max_documents is None else PackedDataset
     return cls(cfg, tokenizer, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
 
 

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -31,9 +30,12 @@ import yaml
 from .. import QuietStarForCausalLM
 from ..inspection import thought_in_context
 from ..lora import has_lora, merge_lora, save_lora
+from .batch import apply_plan, batch_plan, check_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, to_dict, validate
 from .data import build_dataset
+from .launch import check_launch, launch_world_size, make_accelerator  # noqa: F401  (check_launch: tests import it here)
+from .precision import PrecisionPolicy, cast_parameters, state_dtypes
 from .sharding import cpu_fsdp_plan, full_state_dict, full_tensor, shard_model, shard_summary, sharded_here
 
 
@@ -83,49 +85,6 @@ def make_optimizer(model, cfg: RunConfig, device_type: str) -> torch.optim.Optim
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def check_launch(accelerator_env: dict | None = None) -> None:
-    """Processes vs devices and the sharding asked for, from the launcher's environment, before anything is loaded."""
-    env = os.environ if accelerator_env is None else accelerator_env
-    local = int(env.get("LOCAL_WORLD_SIZE", "1"))
-    if not torch.cuda.is_available() and env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        # Accelerator(cpu=True) would ignore it and run plain data parallelism instead.
-        raise ConfigError("a DeepSpeed launch needs CUDA devices; this machine has none "
-                          "(on CPU use train/accelerate/fsdp2_cpu_2proc.yaml or cpu_2proc.yaml)")
-    cpu_fsdp_plan(env)  # raises on FSDP settings that do not run on CPU
-    if torch.cuda.is_available() and local > torch.cuda.device_count():
-        raise ConfigError(
-            f"{local} processes were started on this machine but it has {torch.cuda.device_count()} CUDA devices; "
-            "launch at most one process per GPU (num_processes in the accelerate config)"
-        )
-
-
-def make_accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    cuda = torch.cuda.is_available()
-    precision = cfg.optim.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    if precision == "fp16" and not cuda:
-        raise ConfigError("optim.mixed_precision fp16 needs CUDA; use 'no' or 'bf16' on CPU")
-    trackers = [t for t in cfg.logging.trackers]
-    accelerator = Accelerator(
-        cpu=not cuda,
-        mixed_precision=precision,
-        gradient_accumulation_steps=cfg.optim.grad_accum,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
-    )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != accelerator.num_processes:
-        raise RuntimeError(
-            f"launched as {world} processes but accelerate sees {accelerator.num_processes}; each would train alone. "
-            "On CPU use torchrun or `accelerate launch --multi_gpu` (not --cpu) with train/accelerate/cpu_2proc.yaml"
-        )
-    return accelerator
-
-
 def param_hash(model) -> str:
     """Hash of the full parameters (gathered when sharded: every process must call it)."""
     h = hashlib.sha256()
@@ -160,7 +119,7 @@ class StepResult:
     output: object  # its model output
 
 
-def train_step(model, data, accelerator, optimizer, cfg: RunConfig) -> StepResult:
+def train_step(model, data, accelerator, optimizer, cfg: RunConfig, policy: PrecisionPolicy) -> StepResult:
     """One optimiser step: ``grad_accum`` x (batch -> forward with labels -> backward), clip, AdamW.
 
     Quiet-STaR: the loss is the model's (0.5 NLL_base + 0.5 NLL_talk + w_policy REINFORCE); the
@@ -178,7 +137,8 @@ def train_step(model, data, accelerator, optimizer, cfg: RunConfig) -> StepResul
             # Training reads the loss, its terms and the thoughts, never the logits: the memory-light
             # forward keeps no [B, L, K, V] tensor (issue 10). The control is a plain causal LM.
             light = {"return_logits": False} if cfg.thinking else {}
-            out = model(input_ids, attention_mask=mask, labels=input_ids, **light)
+            with policy.autocast(accelerator.device.type):  # ours on every launcher (precision.py says why)
+                out = model(input_ids, attention_mask=mask, labels=input_ids, **light)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
@@ -274,9 +234,13 @@ def train(cfg: RunConfig, on_step=None) -> dict:
     """
     validate(cfg)
     check_launch()
+    plan = batch_plan(cfg, launch_world_size())  # the step's documents over this launch's processes
+    check_budget(cfg, plan)
+    cfg = apply_plan(cfg, plan)
     if cfg.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)
-    accelerator = make_accelerator(cfg)
+    accelerator, policy = make_accelerator(cfg, plan)
+    accelerator.print(f"{plan.describe()}; {policy.describe()}")  # the log's first line
     fsdp_plan = cpu_fsdp_plan()  # FSDP2 on CPU: sharded by this loop, accelerate reports MULTI_CPU
     if cfg.model.lora is not None and (accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") or fsdp_plan is not None):
         raise ConfigError("model.lora is for one process (or data parallel): LoRA under FSDP / DeepSpeed is not supported; "
@@ -292,6 +256,7 @@ def train(cfg: RunConfig, on_step=None) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical weights on every process (DDP also broadcasts rank 0's)
     model, tokenizer = build_model(cfg.model, cfg.thought, seed=cfg.seed)
+    cast_parameters(model, policy)
     try:  # before any data is read: the model's own check (positions, sliding window)
         model.check_sequence_length(cfg.data.seq_len)
     except ValueError as err:
@@ -299,6 +264,7 @@ def train(cfg: RunConfig, on_step=None) -> dict:
     if not cfg.thinking:  # the control: the same base weights, trained as a plain causal LM
         model = model.base_lm
     data = build_dataset(cfg.data, tokenizer, batch_size=cfg.optim.batch_size, rank=rank, world_size=world, seed=cfg.seed)
+    check_budget(cfg, plan, windows=len(data) if hasattr(data, "__len__") else None)
 
     shards = None
     if fsdp_plan is not None:  # before the optimiser: fully_shard swaps the parameters for DTensor shards
@@ -355,7 +321,7 @@ def train(cfg: RunConfig, on_step=None) -> dict:
     model.train()
     while step < cfg.optim.steps:
         t0 = time.perf_counter()
-        result = train_step(model, data, accelerator, optimizer, cfg)
+        result = train_step(model, data, accelerator, optimizer, cfg, policy)
         scheduler.step()
         step += 1
 
@@ -369,7 +335,8 @@ def train(cfg: RunConfig, on_step=None) -> dict:
                 print_step(bar, step, cfg.optim.steps, metrics, accelerator.is_main_process)
             if trace is not None:
                 record = {"step": step, "rank": rank, "sample_ids": result.sample_ids,
-                          "loss": float(result.terms[-1]["loss"]), "param_hash": param_hash(unwrapped), "metrics": metrics}
+                          "loss": float(result.terms[-1]["loss"]), "param_hash": param_hash(unwrapped), "metrics": metrics,
+                          "dtypes": state_dtypes(model, optimizer)}
                 if shards is not None:  # what this process holds: tests check the model is really sharded
                     record["shards"] = shard_summary(model)
                 trace.write(json.dumps(record) + "\n")
