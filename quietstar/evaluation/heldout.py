@@ -128,7 +128,7 @@ def _score_batch(model, input_ids, attention_mask, seed: int) -> dict[str, torch
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    # The per-target log-probs are all this needs: the memory-light forward keeps no logits (issue 10).
+    # The per-target log-probs are all this needs: the memory-light forward keeps no logits.
     # Its targets are the input's own next tokens, the same talk_targets as here.
     out = model(input_ids, attention_mask=attention_mask, generator=generator, return_logits=False)
     B, L = input_ids.shape
@@ -170,11 +170,19 @@ def heldout_evaluation(
         raise ValueError("give at least one seed")
     windows = text_windows(tokenizer, text, seq_len, max_windows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
+    try:
+        scores = _collect_scores(model, windows, batch_size, pad_id, seeds, thinking, progress)
+    finally:
+        model.train(was_training)
+    return _report(*scores, seeds=seeds, n_passes=model.config.n_passes if thinking else 0, keep_per_token=keep_per_token)
+
+
+def _collect_scores(model, windows, batch_size: int, pad_id: int, seeds, thinking: bool, progress: bool):
+    """Per scored token: base NLL, thinking NLL (mean over seeds and passes); rewards and mixing weights."""
+    from tqdm.auto import tqdm
+
     base_all, think_all, reward_all, weight_all = [], [], [], []
     n_batches = -(-len(windows) // batch_size)
     with tqdm(total=n_batches * (len(seeds) if thinking else 1), disable=not progress, desc="held-out", file=sys.stderr) as bar:
@@ -195,8 +203,10 @@ def heldout_evaluation(
             think_all.append(thinking_nll[scored].cpu())
             reward_all.append(torch.cat([s["reward"].transpose(1, 2)[rewarded].flatten() for s in per_seed]).cpu())
             weight_all.append(torch.cat([s["weight"].transpose(1, 2)[scored].flatten() for s in per_seed]).cpu())
-    model.train(was_training)
+    return base_all, think_all, reward_all, weight_all
 
+
+def _report(base_all, think_all, reward_all, weight_all, *, seeds, n_passes: int, keep_per_token: bool) -> HeldoutReport:
     base, thinking_nll = torch.cat(base_all).double(), torch.cat(think_all).double()
     rewards = torch.cat(reward_all).double() if reward_all else torch.zeros(0, dtype=torch.float64)
     weights = torch.cat(weight_all).double() if weight_all else torch.zeros(1, dtype=torch.float64)
@@ -207,7 +217,7 @@ def heldout_evaluation(
     return HeldoutReport(
         n_tokens=len(base),
         seeds=list(seeds),
-        n_passes=model.config.n_passes if thinking else 0,
+        n_passes=n_passes,
         nll_base=base.mean().item(),
         nll_thinking=thinking_nll.mean().item(),
         helped_share=helped.double().mean().item(),
