@@ -19,14 +19,13 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 
+from .configuration import REFERENCE, THOUGHT_ATTENTION_NAMES, TORCH, TRITON  # noqa: F401  (re-exported)
 from .layout import ThoughtLayout
 from .ops import plain_causal_attention, thought_attention_reference, thought_attention_torch
 
 logger = logging.getLogger(__name__)
 
 THOUGHT_LAYOUT_KWARG = "thought_layout"
-REFERENCE, TORCH, TRITON = "quietstar_reference", "quietstar_torch", "quietstar_triton"
-THOUGHT_ATTENTION_NAMES = (REFERENCE, TORCH, TRITON)
 
 _warned: set[str] = set()
 

@@ -26,14 +26,15 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .configuration import DEFAULT_LOGITS_CHUNK_ELEMENTS
 from .losses import mix_logits, target_log_probs
 from .sampling import ban_tokens
 
-# Elements of the largest per-chunk logits tensor: 16M = 64 MiB in fp32. A chunk keeps a handful of
-# such tensors live (logits, mix, fp32 log-softmax, their gradients), so a few hundred MiB at any
-# vocabulary, against GBs for the full tensors; 341 rows per LM-head matmul at V = 49152, 110 at
-# V = 152k: large enough that the head's matmuls stay efficient.
-DEFAULT_LOGITS_CHUNK_ELEMENTS = 1 << 24
+# DEFAULT_LOGITS_CHUNK_ELEMENTS (configuration.py), elements of the largest per-chunk logits tensor:
+# 16M = 64 MiB in fp32. A chunk keeps a handful of such tensors live (logits, mix, fp32 log-softmax,
+# their gradients), so a few hundred MiB at any vocabulary, against GBs for the full tensors; 341
+# rows per LM-head matmul at V = 49152, 110 at V = 152k: large enough that the head's matmuls stay
+# efficient.
 
 
 def thought_token_log_probs(logits: torch.Tensor, thought_ids: torch.Tensor, temperature: float, banned_ids) -> torch.Tensor:

@@ -12,9 +12,13 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
 from . import compat  # noqa: F401  (refuses a transformers older than the supported range)
-from .attention import THOUGHT_ATTENTION_NAMES, TORCH
-from .chunked_log_probs import DEFAULT_LOGITS_CHUNK_ELEMENTS
 from .layout import n_extra_steps
+
+# The thought attention paths (registered by attention.py) and the memory-light forward's default
+# chunk: the config names them, the modules that implement them read them from here.
+REFERENCE, TORCH, TRITON = "quietstar_reference", "quietstar_torch", "quietstar_triton"
+THOUGHT_ATTENTION_NAMES = (REFERENCE, TORCH, TRITON)
+DEFAULT_LOGITS_CHUNK_ELEMENTS = 1 << 24
 
 START_THOUGHT_TOKEN = "<|startthought|>"
 END_THOUGHT_TOKEN = "<|endthought|>"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cli_args import add_model_arguments, load_from_args
+from .loading import add_model_arguments, load_from_args
 from .evaluation.metric import single_pass
 from .thought_text import thought_in_context
 

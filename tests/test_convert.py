@@ -128,7 +128,7 @@ def test_bad_sources_are_refused_clearly(tmp_path, capsys):
 
 
 def test_tokenizer_gets_the_delimiters_and_quietstar_eval_loads_the_result(tmp_path):
-    from quietstar.cli_args import load_for_evaluation as load_model
+    from quietstar.loading import load_for_evaluation as load_model
 
     word_tokenizer(V - 2).save_pretrained(tmp_path / "tokenizer")
     src = write_checkpoint(tmp_path / "official")

@@ -70,7 +70,7 @@ def test_paper_metric_end_to_end_equals_manual_computation():
 
 
 def test_quietstar_eval_cli_on_a_saved_model(tmp_path, capsys):
-    from quietstar.cli_args import load_for_evaluation as load_model
+    from quietstar.loading import load_for_evaluation as load_model
 
     tok = char_tokenizer()
     model = QuietStarForCausalLM.from_base(tiny_base("qwen2"), tokenizer=tok, n_thought_tokens=2, n_talk_tokens=2, n_passes=1)

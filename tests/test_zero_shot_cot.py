@@ -220,7 +220,7 @@ def _save(model, tok, folder):
 
 
 def test_quietstar_eval_zero_shot_cot_with_a_baseline(tmp_path, capsys):
-    from quietstar.cli_args import load_for_evaluation as load_model
+    from quietstar.loading import load_for_evaluation as load_model
 
     model, tok = tiny_thinking_model(seed=0)
     saved = _save(model, tok, tmp_path / "m")

@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from ..cli_args import add_model_arguments, load_for_evaluation, load_from_args
+from ..loading import add_model_arguments, load_for_evaluation, load_from_args
 from .data import TASKS, load_examples
 from .metric import paper_metric
 from .zero_shot_cot import CotProtocol, reinit_delimiters_from_text, select_questions, zero_shot_cot

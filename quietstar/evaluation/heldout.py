@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..losses import IGNORE, talk_targets, token_log_probs
-from ..cli_args import add_model_arguments, load_from_args
+from ..loading import add_model_arguments, load_from_args
 from .metric import sequence_logits
 
 __all__ = ["HeldoutReport", "by_decile", "heldout_evaluation", "text_windows", "main"]
