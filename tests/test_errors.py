@@ -120,3 +120,35 @@ def test_trainer_scales_the_loss_for_gradient_accumulation_itself(model, tmp_pat
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, gradient_accumulation_steps=2)
     assert Trainer(model=model, args=args).model_accepts_loss_kwargs is False
+
+
+def test_attention_paths_register_once_on_import():
+    """Importing the package registers each quietstar_* path once with each interface; building and
+    running models registers nothing more (a fresh interpreter, so earlier imports do not count)."""
+    import subprocess
+    import sys
+
+    script = """
+import collections
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+counts = collections.Counter()
+for cls in (AttentionInterface, AttentionMaskInterface):
+    original = cls.register.__func__
+    def counting(c, name, fn, _original=original, _kind=cls.__name__):
+        counts[(_kind, name)] += 1
+        return _original(c, name, fn)
+    cls.register = classmethod(counting)
+import torch, quietstar
+from transformers import LlamaConfig, AutoModelForCausalLM
+base = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+for attn in ("quietstar_torch", "quietstar_reference"):
+    m = quietstar.QuietStarForCausalLM.from_base(base, n_thought_tokens=1, n_talk_tokens=1, n_passes=1, attn_implementation=attn)
+    m(torch.randint(0, 62, (1, 4)))
+print(sorted((k, n, c) for (k, n), c in counts.items() if n.startswith("quietstar_")))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    names = ("quietstar_reference", "quietstar_torch", "quietstar_triton")
+    want = sorted((kind, name, 1) for kind in ("AttentionInterface", "AttentionMaskInterface") for name in names)
+    assert out.strip().splitlines()[-1] == str(want)
