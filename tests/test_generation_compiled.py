@@ -16,8 +16,8 @@ from tiny_models import padded_batch, tiny_base
 GREEDY = dict(max_new_tokens=6, do_sample=False, return_thoughts=True, pad_token_id=0)
 
 
-def generate_all(model, modes, padded):
-    ids, mask = padded_batch(3, 9, "left", seed=1, n_pad=(3, 0, 5) if padded else (0,))
+def generate_all(model, modes, padded, device="cpu"):
+    ids, mask = (x.to(device) for x in padded_batch(3, 9, "left", seed=1, n_pad=(3, 0, 5) if padded else (0,)))
     return {mode: model.generate(ids, attention_mask=mask, decode=mode, **GREEDY) for mode in modes}
 
 
@@ -33,17 +33,22 @@ def test_static_cache_greedy_equals_dynamic(padded):
     outs = generate_all(model, ("dynamic", "static", "static"), padded)  # the second static call reuses the cache
     assert_same(outs["static"], outs["dynamic"])
     held = model._quietstar_static_decoding
-    assert held.key == (3, 9 + 6 + 3 + 2, False)  # batch, prompt + new + sot/N/eot of the last thought
+    assert held.key == (3, False) and held.max_len == 9 + 6 + 3 + 2  # prompt + new + sot/N/eot of the last thought
     assert int(held.cache.layers[0].get_seq_length()) == 9 + 6  # prompt + emitted tokens: thoughts rewound
 
 
-@pytest.mark.slow  # torch.compile (inductor) on a CPU: 15-90 s on the 2-core CI machine
-def test_compiled_step_greedy_equals_dynamic_and_is_built_once():
-    model = thinking_model("llama")
-    outs = generate_all(model, ("dynamic", "compiled"), padded=True)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+# torch.compile (inductor) on a CPU: 15-90 s on the 2-core CI machine; on a GPU: CUDA graphs (gpu_check.sh)
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow),
+                                    pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+def test_compiled_step_greedy_equals_dynamic_and_is_built_once(device):
+    model = thinking_model("llama").to(device)
+    outs = generate_all(model, ("dynamic", "compiled"), padded=True, device=device)
     assert_same(outs["compiled"], outs["dynamic"])
     first = model._quietstar_static_decoding
-    again = generate_all(model, ("compiled",), padded=True)["compiled"]
+    again = generate_all(model, ("compiled",), padded=True, device=device)["compiled"]
     assert model._quietstar_static_decoding is first and torch.equal(again.sequences, outs["dynamic"].sequences)
 
 
