@@ -19,8 +19,8 @@ class StaticDecoding:
 
     Slots past the current length are masked by the causal mask (positions come from the cache's own
     length counter), so cropping a thought is a rewind of that counter: the next step overwrites it.
-    Kept on the model between ``generate`` calls of the same batch size, length, dtype and device, so
-    the compiled step is built once."""
+    Kept on the model between ``generate`` calls of the same batch size and mode that fit its length,
+    so the compiled step is built once (a longer call builds a new one)."""
 
     def __init__(self, decoder, batch: int, max_len: int, compiled: bool):
         from transformers import StaticCache
@@ -28,7 +28,7 @@ class StaticDecoding:
         if sliding_window(decoder.config) is not None:
             raise ValueError("static-cache decoding keeps every key; this base model has a sliding window: "
                              "generate with decode='dynamic'")
-        self.key = (batch, max_len, compiled)
+        self.key = (batch, compiled)
         self.max_len = max_len
         self.cache = StaticCache(config=decoder.config, max_cache_len=max_len)
         self.cache.quietstar_static = self
@@ -62,9 +62,9 @@ class StaticDecoding:
 
 
 def static_decoding(model, batch: int, max_len: int, compiled: bool) -> StaticDecoding:
-    """The model's ``StaticDecoding`` for this call, reused when batch, length and mode match."""
+    """The model's ``StaticDecoding`` for this call, reused when batch and mode match and it is long enough."""
     held = getattr(model, "_quietstar_static_decoding", None)
-    if held is None or held.key != (batch, max_len, compiled):
+    if held is None or held.key != (batch, compiled) or held.max_len < max_len:
         held = StaticDecoding(model.base_lm.base_model, batch, max_len, compiled)
         model._quietstar_static_decoding = held
     held.reset()
