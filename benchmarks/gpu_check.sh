@@ -1,28 +1,41 @@
 #!/usr/bin/env bash
-# gpu_check.sh: one-shot validation of quietstar on a CUDA GPU (written for H100/H200), from the repository root,
-# with no network, in about 8 minutes. Stages, each under its own timeout, one verdict line each:
-#   (a) machine and versions; (b) quietstar imports (else kernel-only stages on a stub package)
-#   (c) compiled Triton tests and every Hopper kernel config in bf16 vs quietstar_torch, in parallel
-#   (e) whole-model step, quietstar_triton vs quietstar_torch (benchmarks/gpu_check/model_step.py)
-#   (d) benchmarks/attention.py, H 32 D 128 bf16, one process per (L, S), CSV out
-#   (g) benchmarks/train_throughput.py on SmolLM2-135M's shape (random weights), bf16 autocast, MFU
-#   (h) benchmarks/step_settings.py --compare thought-forward: replay vs incremental on the same shape
-#   (i) benchmarks/gpu_check/lora_7b_memory.py: train/configs/mistral7b_lora.yaml's step on Mistral-7B's shape
-# Stages run in the order c, e, g, h, d, i (most needed first: the budget may cut the last ones).
-# Writes $OUT/log.txt, attention_gpu.csv, throughput.txt, thought_forward.txt, lora_7b.txt ($OUT: ./gpu_out).
-# Knobs: BUDGET=520 (s, all stages), BENCH_L, BENCH_S, DESIGN_SHAPES (BxL ...), LORA_SHAPES,
-#        SKIP_TESTS/SKIP_MODEL/SKIP_THROUGHPUT/SKIP_DESIGNS/SKIP_BENCH/SKIP_LORA=1.
+# gpu_check.sh: quietstar on one CUDA GPU (written for the H100/H200), from the repository root, no network.
 #
-# Needs transformers >= the version pyproject.toml names (5.17, what common GPU images ship). For a missing or older
-# package: on a networked machine, `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME==X`
-# into a git-ignored .whl/ that travels with the tree; this script installs .whl/*.whl into /tmp/site first. If
-# quietstar still cannot be imported, only the kernel stages run.
+# The call a session with a GPU makes (after, on this networked machine, from the repository root:
+#   benchmarks/gpu_check/official_prepare.sh vendor <git dir of the fetch of github:ezelikman/quiet-star>
+#   benchmarks/gpu_check/official_prepare.sh wheels      # ~12 MiB of cp312 wheels into gpu_vendor/wheels
+# ; gpu_vendor/ is git-ignored and travels as a carried path):
+#   run(command="STAGES=correctness,official,generation,throughput BUDGET=530 bash benchmarks/gpu_check.sh",
+#       carry=["gpu_vendor"], timeout_s=570)
+# Second, short call, only if a stage failed or timed out (its name from the summary; same carry):
+#   run(command="STAGES=<failed stages> BUDGET=200 bash benchmarks/gpu_check.sh", carry=["gpu_vendor"], timeout_s=230)
+#
+# Stages, in order of need (STAGES=comma-separated names; default: the four of the call above):
+#   correctness  in parallel, autotune off (QUIETSTAR_TRITON_AUTOTUNE=0: the defaults won every sweep):
+#                compiled Triton kernel tests, the whole-model step triton vs torch (gpu_check/model_step.py),
+#                tests/test_thought_forward.py, tests/test_triton_model.py, tests/test_generation_compiled.py
+#                (the compiled decode step under CUDA graphs)                                     ~150 s
+#   official     step_vs_length.py: ours (quietstar_triton) vs the official code, SmolLM2-135M's size as a
+#                Mistral, bf16, N 9 K 4 P 2, B 4 L 256 and B 1 L 512/1024/2048, a B 1 memory ceiling,
+#                one profiled step per side                                                    ~170 s
+#   generation   generation.py: tokens/s plain vs thinking (N 4, 9), batch 1 and 8, dynamic vs compiled
+#                decode, and the official way (full forward per token) at a 512-token prompt   ~150 s
+#   throughput   train_throughput.py, SmolLM2-135M shape, B 4 L 256, quietstar_triton              ~40 s
+#   on request only (figures already recorded): sweeps (every Hopper kernel config), attention (kernel
+#   vs FlexAttention, autotune on), designs (replay vs incremental), lora (Mistral-7B LoRA memory)
+# Files back in $OUT (at most 8): log.txt (everything, summary last), official.txt, official.jsonl,
+#   profile.txt (top kernels per side), generation.txt, generation.jsonl, throughput.txt.
+# DRY_RUN=1 prints each selected stage's commands and limits and runs nothing (tests/test_gpu_check.py).
 OUT=${OUT:-$PWD/gpu_out}; Q=/tmp/quietstar_gpu_check; mkdir -p "$OUT" $Q; : >$Q/summary; T0=$SECONDS
-BUDGET=${BUDGET:-520}; PY=${PY:-python3}; HERE=benchmarks/gpu_check
+BUDGET=${BUDGET:-530}; PY=${PY:-python3}; HERE=benchmarks/gpu_check; DRY=${DRY_RUN:-0}
+STAGES=${STAGES:-correctness,official,generation,throughput}; SITE=/tmp/official_site
+ALL_STAGES=correctness,official,generation,throughput,sweeps,attention,designs,lora
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_INTERPRET=0 TOKENIZERS_PARALLELISM=false
 
+wanted() { [[ ,$STAGES, == *,$1,* ]]; }
 stage() {  # stage NAME LIMIT CMD...: CMD under a timeout (clipped to the budget left); never aborts the script
   local name=$1 limit=$2 t=$SECONDS left=$((BUDGET - SECONDS + T0)) rc verdict; shift 2
+  if ((DRY)); then echo "[dry-run] $name (limit ${limit}s): $*"; return; fi
   if ((left < 20)); then echo "@@ $name: SKIPPED (budget)" | tee -a $Q/summary; return; fi
   ((limit > left)) && limit=$left
   echo "### [$name] at +$((SECONDS - T0))s, limit ${limit}s: $*"
@@ -30,86 +43,84 @@ stage() {  # stage NAME LIMIT CMD...: CMD under a timeout (clipped to the budget
   case $rc in 0) verdict=PASS ;; 124 | 137) verdict="TIMEOUT (${limit}s)" ;; *) verdict="FAIL rc=$rc" ;; esac
   echo "@@ $name: $verdict after $((SECONDS - t))s" | tee -a $Q/summary
 }
-background_stage() { stage "$@" >"$Q/$1.log" 2>&1 & }  # compile-bound test stages share the CPU cores
+background_stage() { if ((DRY)); then stage "$@"; else stage "$@" >"$Q/$1.log" 2>&1 & fi; }
 
-main() {
-  echo "=== (a) machine, versions   $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
-  nvidia-smi || echo "!!! nvidia-smi failed"
-  echo "=== (b) installing carried wheels (if any) and importing"
+setup() {
+  echo "=== machine, versions   $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)"
+  ((DRY)) && return
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "!!! nvidia-smi failed"
   local site=
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && site=/tmp/site: && echo "installed: $(cd .whl && ls)"
+  if ls .whl/*.whl >/dev/null 2>&1; then  # the project's own missing packages, if any travelled
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && site=/tmp/site:
   fi
   export PYTHONPATH=$site$PWD${PYTHONPATH:+:$PYTHONPATH}
-  $PY -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, '| triton', triton.__version__,
-'| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '|', torch.cuda.get_device_name(),
-torch.cuda.get_device_capability())" || echo "!!! version probe failed"
-  local full=1 RUN=($PY $HERE/run_stub.py) XDIST=() TIMEOUT=()
-  if $PY -c "import quietstar, triton_kernels as t; print('import OK;', t.is_available())"; then
-    echo "@@ import quietstar: PASS" >>$Q/summary
-  else
-    full=0; export QS_STUB=1
-    echo "@@ import quietstar: FAIL -> kernel stages on quietstar.layout/ops only, model stages skipped" | tee -a $Q/summary
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__,
+'| transformers', transformers.__version__, '|', torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  $PY -c "import quietstar, triton_kernels as t; print('import quietstar OK; triton kernels:', t.is_available())" \
+    || echo "@@ import quietstar: FAIL (every stage below will fail)" | tee -a $Q/summary
+  if wanted official; then  # the official code and its transformers 4.37, in their own folder
+    PY=$PY $HERE/official_prepare.sh install $SITE >$Q/official_install.log 2>&1 \
+      && echo "official install: $(tail -1 $Q/official_install.log)" \
+      || { cat $Q/official_install.log; echo "@@ official install: FAIL (carry gpu_vendor/, see official_prepare.sh)" | tee -a $Q/summary; }
   fi
-  ((full)) && $PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
-  $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 140)
-  local PYTEST=("${RUN[@]}" -m pytest -q -p no:cacheprovider -rfE "${TIMEOUT[@]}")
+}
 
-  if [[ ${SKIP_TESTS:-0} != 1 ]]; then
-    echo "=== (c) compiled Triton tests (TRITON_INTERPRET=0) and the bf16 config sweep, in parallel; logs follow"
-    QUIETSTAR_TRITON_AUTOTUNE=0 background_stage c1_gpu_marked 150 "${PYTEST[@]}" -v -m gpu tests/test_triton_attention.py
-    background_stage c2_config_sweep_bf16 150 "${RUN[@]}" $HERE/sweep_configs.py
-    QUIETSTAR_TRITON_AUTOTUNE=0 background_stage c3_fp16_cached 150 "${PYTEST[@]}" -m "not gpu" -k "not fp32 and not lse_grad" tests/test_triton_attention.py
-    QUIETSTAR_TRITON_AUTOTUNE=0 background_stage c4_fp32_lse 150 "${PYTEST[@]}" "${XDIST[@]}" -m "not gpu" -k "fp32 or lse_grad" tests/test_triton_attention.py
-    wait
-    cat $Q/c1_*.log $Q/c2_*.log $Q/c3_*.log $Q/c4_*.log
-  fi
+correctness() {
+  local PYTEST=($PY -m pytest -q -p no:cacheprovider -rfE) T=()
+  $PY -c "import pytest_timeout" 2>/dev/null && T=(--timeout 140)
+  export QUIETSTAR_TRITON_AUTOTUNE=0
+  background_stage c1_kernel_gpu 150 "${PYTEST[@]}" "${T[@]}" -m gpu tests/test_triton_attention.py
+  background_stage c2_kernel_compiled 150 "${PYTEST[@]}" "${T[@]}" -m "not gpu" tests/test_triton_attention.py
+  background_stage c3_model_step 150 $PY $HERE/model_step.py
+  background_stage c4_model_tests 150 "${PYTEST[@]}" "${T[@]}" tests/test_triton_model.py tests/test_thought_forward.py
+  background_stage c5_compiled_decode 150 "${PYTEST[@]}" "${T[@]}" tests/test_generation_compiled.py
+  wait
+  ((DRY)) || cat $Q/c*.log
+  unset QUIETSTAR_TRITON_AUTOTUNE
+}
 
-  if [[ ${SKIP_MODEL:-0} != 1 ]]; then
-    echo "=== (e) whole-model step: tiny Llama, quietstar_triton vs quietstar_torch"
-    if ((full)); then stage e_model_step 100 $PY $HERE/model_step.py
-    else echo "@@ e_model_step: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
-  fi
+official() {
+  QUIETSTAR_TRITON_AUTOTUNE=0 stage official 170 $PY benchmarks/step_vs_length.py --model smollm2-mistral \
+    --lengths 4x256,1x512,1x1024,1x2048 --ceiling 4096,8192,16384 --kinds plain,quietstar --steps 3 --profile \
+    --official $SITE --timeout 110 --json "$OUT/official.jsonl" 2>"$OUT/profile.txt" | tee "$OUT/official.txt"
+}
 
-  if [[ ${SKIP_THROUGHPUT:-0} != 1 ]]; then
-    echo "=== (g) training throughput, SmolLM2-135M shape (random weights), bf16 autocast, L 256, B 4, N 9, K 4, P 2"
-    if ((full)); then
-      for attn in quietstar_triton quietstar_torch; do
-        stage g_throughput_$attn 90 $PY benchmarks/train_throughput.py --models smollm2-shape --seq-len 256 --batch 4 \
-          --n-thought 9 --n-talk 4 --passes 2 --steps 5 --warmup 2 --attn $attn 2>&1 | tee -a "$OUT/throughput.txt"
-      done
-    else echo "@@ g_throughput: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
-  fi
+generation() {
+  stage generation 150 $PY benchmarks/generation.py --models smollm2-shape --batch 1 8 --n-thought-tokens 4 9 \
+    --decode dynamic compiled --new-tokens 24 --repeats 2 --naive-prompt-len 512 --naive-tokens 4 \
+    --json "$OUT/generation.jsonl" 2>&1 | tee "$OUT/generation.txt"
+}
 
-  if [[ ${SKIP_DESIGNS:-0} != 1 ]]; then
-    echo "=== (h) thought forward, replay vs incremental: SmolLM2-135M shape, quietstar_triton, bf16 autocast"
-    if ((full)); then
-      for shape in ${DESIGN_SHAPES:-4x256 1x1024}; do  # B 4 at L 1024 needs ~108 GB without checkpointing
-        stage h_thought_forward_$shape 90 $PY benchmarks/step_settings.py --compare thought-forward \
-          --batch ${shape%x*} --lengths ${shape#*x} --rounds 3 2>&1 | tee -a "$OUT/thought_forward.txt"
-      done
-    else echo "@@ h_thought_forward: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
-  fi
+throughput() {
+  QUIETSTAR_TRITON_AUTOTUNE=0 stage throughput 60 $PY benchmarks/train_throughput.py --models smollm2-shape --seq-len 256 \
+    --batch 4 --n-thought 9 --n-talk 4 --passes 2 --steps 5 --warmup 2 --attn quietstar_triton 2>&1 | tee "$OUT/throughput.txt"
+}
 
-  if [[ ${SKIP_BENCH:-0} != 1 ]]; then
-    echo "=== (d) benchmarks/attention.py, H 32 D 128 bf16, autotune on, one process per (L, S)"
-    for L in ${BENCH_L:-1024 2048 4096}; do for S in ${BENCH_S:-8 16}; do
-      TRITON_PRINT_AUTOTUNING=1 stage d_bench_L${L}_S$S $((L < 4096 ? 60 : 90)) "${RUN[@]}" benchmarks/attention.py \
-        --L $L --S $S --heads 32 --dim 128 --max-dense-mask-gib 1.5 --csv $Q/bench_L${L}_S$S.csv
-    done; done
-    awk 'FNR > 1 || NR == 1' $Q/bench_L*_S*.csv >"$OUT/attention_gpu.csv" 2>/dev/null
-    column -s, -t "$OUT/attention_gpu.csv" 2>/dev/null || cat "$OUT/attention_gpu.csv"
-  fi
+sweeps() { stage sweeps 150 $PY $HERE/run_stub.py $HERE/sweep_configs.py; }
+attention() {
+  for L in ${BENCH_L:-1024 2048 4096}; do
+    TRITON_PRINT_AUTOTUNING=1 stage attention_L$L 90 $PY benchmarks/attention.py --L $L --S 16 --heads 32 --dim 128 \
+      --max-dense-mask-gib 1.5
+  done
+}
+designs() {
+  for shape in ${DESIGN_SHAPES:-4x256 1x1024}; do
+    stage designs_$shape 90 $PY benchmarks/step_settings.py --compare thought-forward --batch ${shape%x*} \
+      --lengths ${shape#*x} --rounds 3
+  done
+}
+lora() { stage lora 150 $PY $HERE/lora_7b_memory.py --shapes ${LORA_SHAPES:-4x256,2x1024}; }
 
-  if [[ ${SKIP_LORA:-0} != 1 ]]; then
-    echo "=== (i) train/configs/mistral7b_lora.yaml's step memory: Mistral-7B shape, random bf16 weights"
-    if ((full)); then
-      stage i_lora_7b 150 $PY $HERE/lora_7b_memory.py --shapes ${LORA_SHAPES:-4x256,2x1024} 2>&1 | tee "$OUT/lora_7b.txt"
-    else echo "@@ i_lora_7b: SKIPPED (quietstar does not import)" | tee -a $Q/summary; fi
-  fi
-
-  echo "=== summary after $((SECONDS - T0))s"
+main() {
+  local s
+  for s in ${STAGES//,/ }; do
+    [[ ,$ALL_STAGES, == *,$s,* ]] || { echo "unknown stage '$s'; choose from $ALL_STAGES"; return 2; }
+  done
+  setup
+  for s in ${ALL_STAGES//,/ }; do
+    wanted $s && { echo "=== stage $s at +$((SECONDS - T0))s"; $s; }
+  done
+  echo "=== summary after $((SECONDS - T0))s (stages: $STAGES)"
   cat $Q/summary
   ! grep -Eq ': (FAIL|TIMEOUT)' $Q/summary
 }

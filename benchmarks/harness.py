@@ -111,6 +111,39 @@ def cuda_peak_mib(since_bytes: int = 0) -> float:
     return (torch.cuda.max_memory_allocated() - since_bytes) / MIB
 
 
+def measure_step(step, steps: int, warmup: int = 1) -> dict:
+    """``time_steps`` on whatever device the step runs, as one result row: ``step_ms`` (median),
+    ``peak_mib`` (CUDA: ``max_memory_allocated`` over the timed steps; CPU: the process's peak RSS, a
+    fresh process's own only) and ``result``; or ``oom: True`` where CUDA ran out of memory."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    prepare = torch.cuda.reset_peak_memory_stats if cuda else None
+    try:
+        timing = time_steps(step, steps, warmup=warmup, sync=cuda_sync(), prepare=prepare)
+    except torch.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        return dict(oom=True, error=str(err).splitlines()[0][:160])
+    peak = cuda_peak_mib() if cuda else peak_rss_mib()
+    return dict(oom=False, step_ms=timing.wall_ms, peak_mib=peak, result=timing.result)
+
+
+def top_kernels_table(step, rows: int = 15) -> str:
+    """One profiled call of ``step`` (after the caller's warm-up): torch.profiler's table of the
+    ``rows`` most expensive kernels (CUDA time on a GPU, CPU time otherwise)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
 # ---------------------------------------------------------------- machine stamp
 
 def cpu_model() -> str:
@@ -160,6 +193,11 @@ MODEL_CONFIGS = {
     "smollm2-shape": ("LlamaConfig", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                           num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                                           rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    # SmolLM2-135M's size as a Mistral, the one architecture the official Quiet-STaR code runs (side by side).
+    "smollm2-mistral": ("MistralConfig", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=65536,
+                                              rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                              sliding_window=None)),
     "mistral-7b-shape": ("MistralConfig", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                                max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,

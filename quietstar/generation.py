@@ -27,6 +27,7 @@ from .attention import THOUGHT_ATTENTION_NAMES
 from .compat import cache_of, kv_cache_kept, with_cache
 from .layout import base_position_ids
 from .sampling import ban_tokens, pick_tokens
+from .static_decoding import StaticDecoding, static_decoding
 from .window import full_kv_cache, sliding_window
 
 
@@ -38,6 +39,7 @@ class ThinkingOptions:
     thought_temperature: float  # 0 = greedy thoughts; independent of the emitted tokens' temperature
     return_thoughts: bool = False
     generator: torch.Generator | None = None  # for thought sampling only
+    decode: str = "dynamic"  # "dynamic" | "static" (preallocated cache) | "compiled" (static + torch.compile)
 
 
 @dataclass
@@ -65,8 +67,9 @@ class Thought:
 class BaseState:
     """The base (thought-free) prefix: KV cache, 2-D padding mask, last position id and hidden state."""
 
-    def __init__(self, cache, attention_mask: torch.Tensor):
+    def __init__(self, cache, attention_mask: torch.Tensor, static: "StaticDecoding | None" = None):
         self.cache = cache
+        self.static = static  # a preallocated cache: masks span all its slots; crop = rewind
         self.attention_mask = attention_mask  # [B, T]  T = cache length
         # Without padding the decoder gets no mask: stock sdpa then takes its unmasked fast path
         # (on CPU a masked single-token step costs ~10x more); position ids stay explicit and
@@ -79,6 +82,8 @@ class BaseState:
         """The 2-D mask of the prefix plus ``extra`` real tokens (None without padding)."""
         if not self.padded:
             return None
+        if self.static is not None:  # every slot past the prompt holds a real token (stale slots: causal mask)
+            return self.static.padded_mask(self.attention_mask)
         return torch.cat([self.attention_mask, self.attention_mask.new_ones(self.attention_mask.shape[0], extra)], dim=1)
 
     @property
@@ -93,16 +98,17 @@ def prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, cach
     A cache that already holds a prefix of the prompt is extended with the rest; one that holds all
     of it is cropped by one token so that the last token's hidden state is recomputed.
     """
+    static = getattr(cache, "quietstar_static", None)
     if cache is None:
         cache = full_kv_cache()
-    cached = cache.get_seq_length()
+    cached = int(cache.get_seq_length())
     if cached > input_ids.shape[1]:
         raise ValueError(f"the cache holds {cached} tokens but the prompt has only {input_ids.shape[1]}")
     if cached == input_ids.shape[1]:
         cache.crop(-1)
         cached -= 1
     positions = base_position_ids(attention_mask)  # [B, L]
-    state = BaseState(cache, attention_mask)
+    state = BaseState(cache, attention_mask, static)
     hidden = decoder(
         input_ids=input_ids[:, cached:],
         attention_mask=state.mask_with(0),
@@ -114,18 +120,27 @@ def prefill(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, cach
     return state
 
 
+def decode_step(decoder, state: BaseState, tokens, mask, positions) -> torch.Tensor:
+    """One single-token decoder call on the state's cache: the last hidden state ``[B, H]``."""
+    if state.static is not None:
+        return state.static.step(tokens, mask, positions)
+    return decoder(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **with_cache(state.cache)).last_hidden_state[:, -1]
+
+
+def crop_cache(state: BaseState, n: int) -> None:
+    if state.static is not None:
+        state.static.rewind(n)
+    else:
+        state.cache.crop(-n)
+
+
 @torch.no_grad()
 def base_step(decoder, state: BaseState, tokens: torch.Tensor) -> None:
     """Append one emitted token per row ``[B]`` to the base prefix (the cache grows by one)."""
     state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], dim=1)
     state.last_position = state.last_position + 1
-    state.last_hidden = decoder(
-        input_ids=tokens[:, None],
-        attention_mask=state.mask_with(0),
-        position_ids=state.last_position[:, None],
-        use_cache=True,
-        **with_cache(state.cache),
-    ).last_hidden_state[:, -1]
+    state.last_hidden = decode_step(decoder, state, tokens[:, None], state.mask_with(0), state.last_position[:, None])
 
 
 @torch.no_grad()
@@ -147,20 +162,14 @@ def think(model, state: BaseState, options: ThinkingOptions) -> Thought:
     tokens = torch.full((B, 1), sot, dtype=torch.long, device=base_hidden.device)
     thoughts = []
     for s in range(1, N + 3):
-        hidden = decoder(
-            input_ids=tokens,
-            attention_mask=state.mask_with(s),
-            position_ids=(state.last_position + s)[:, None],
-            use_cache=True,
-            **with_cache(state.cache),
-        ).last_hidden_state[:, -1]  # [B, H]
+        hidden = decode_step(decoder, state, tokens, state.mask_with(s), (state.last_position + s)[:, None])  # [B, H]
         if s <= N:
             picked = pick_tokens(lm_head(hidden), options.thought_temperature, banned, options.generator)  # [B]
             thoughts.append(picked)
             tokens = picked[:, None]
         elif s == N + 1:
             tokens = torch.full_like(tokens, eot)
-    state.cache.crop(-(N + 2))  # drop the thought: the base cache is the prefix again
+    crop_cache(state, N + 2)  # drop the thought: the base cache is the prefix again
     weight = model.mixing_head(base_hidden, hidden)  # [B]
     w = weight[:, None].to(base_logits.dtype)
     mixed = (1 - w) * base_logits + w * lm_head(hidden)  # same mix as the training forward (k = 0)
@@ -199,6 +208,14 @@ def thinking_sample(
         )
 
     _check_window(decoder.config, generation_config.max_length, options.n_thought_tokens)
+    if options.decode not in ("dynamic", "static", "compiled"):
+        raise ValueError(f"decode must be 'dynamic', 'static' or 'compiled', got {options.decode!r}")
+    if options.decode != "dynamic":
+        if cache is not None:
+            raise ValueError(f"decode={options.decode!r} preallocates its own cache; pass no past_key_values")
+        # prompt + new tokens + the last thought's sot, N tokens and eot
+        max_len = generation_config.max_length + options.n_thought_tokens + 2
+        cache = static_decoding(model, B, max_len, options.decode == "compiled").cache
 
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
@@ -274,6 +291,7 @@ class ThinkingGenerationMixin:
         think: bool = True,
         thought_generator: torch.Generator | None = None,
         generation_attn_implementation: str | None = "sdpa",
+        decode: str = "dynamic",
         **kwargs,
     ):
         """``GenerationMixin.generate`` that thinks before every emitted token (greedy or sampling).
@@ -286,7 +304,10 @@ class ThinkingGenerationMixin:
         ``torch.Generator`` for thought sampling). ``generation_attn_implementation`` is the attention
         the base model uses while generating (default ``sdpa``; ``flash_attention_2`` where
         installed; None keeps the current ``quietstar_*`` path): one position thinks at a time, so
-        plain causal attention over the cache is exact.
+        plain causal attention over the cache is exact. ``decode``: ``"dynamic"`` (a growing cache,
+        the default), ``"static"`` (a preallocated cache; a thought is cropped by rewinding it) or
+        ``"compiled"`` (static, and the single-token step under ``torch.compile(mode="reduce-overhead")``,
+        CUDA graphs on a GPU: the first call compiles; later calls of the same batch size and length reuse it).
         """
         cfg = self.config
         n = cfg.n_thought_tokens if n_thought_tokens is None else int(n_thought_tokens)
@@ -300,6 +321,7 @@ class ThinkingGenerationMixin:
             thought_temperature=temperature,
             return_thoughts=return_thoughts,
             generator=thought_generator,
+            decode=decode,
         )
         if return_thoughts:
             kwargs["return_dict_in_generate"] = True
