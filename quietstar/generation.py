@@ -177,16 +177,8 @@ def think(model, state: BaseState, options: ThinkingOptions) -> Thought:
 
 
 @torch.no_grad()
-def thinking_sample(
-    model,
-    input_ids: torch.Tensor,
-    logits_processor,
-    stopping_criteria,
-    generation_config,
-    options: ThinkingOptions,
-    streamer=None,
-    **model_kwargs,
-):
+def thinking_sample(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, generation_config,
+                    options: ThinkingOptions, streamer=None, **model_kwargs):
     """The decoding loop behind ``QuietStarForCausalLM.generate`` for greedy search and sampling.
 
     Mirrors ``GenerationMixin._sample``: logits processors, stopping criteria, streamers,
@@ -194,39 +186,19 @@ def thinking_sample(
     delimiters are never emitted. Each iteration: think -> choose -> feed the chosen token.
     """
     decoder = model.base_lm.base_model
-    B, prompt_len = input_ids.shape
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is None:  # generate() drops an all-ones mask
         attention_mask = torch.ones_like(input_ids)
-    cache = cache_of(model_kwargs)
-    if cache is not None and not getattr(cache, "_is_user_defined", False):
-        cache = None  # generate() sized its default cache for the wrapper's config; build one for the base model
-    if cache is not None and (not hasattr(cache, "crop") or any(getattr(cache, "is_sliding", ()))):
-        raise ValueError(
-            f"thinking generation crops every thought off the cache, so it needs a DynamicCache() that keeps every key "
-            f"(built without a config: sliding-window layers drop the keys a cropped thought overwrote), got {type(cache).__name__}"
-        )
-
-    _check_window(decoder.config, generation_config.max_length, options.n_thought_tokens)
-    if options.decode not in ("dynamic", "static", "compiled"):
-        raise ValueError(f"decode must be 'dynamic', 'static' or 'compiled', got {options.decode!r}")
-    if options.decode != "dynamic":
-        if cache is not None:
-            raise ValueError(f"decode={options.decode!r} preallocates its own cache; pass no past_key_values")
-        # prompt + new tokens + the last thought's sot, N tokens and eot
-        max_len = generation_config.max_length + options.n_thought_tokens + 2
-        cache = static_decoding(model, B, max_len, options.decode == "compiled").cache
-
+    cache = _decoding_cache(model, model_kwargs, generation_config, options, input_ids.shape[0])
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     return_dict = generation_config.return_dict_in_generate or options.return_thoughts
     output_scores, output_logits = generation_config.output_scores, generation_config.output_logits
-    scores = () if (return_dict and output_scores) else None
-    raw_logits = () if (return_dict and output_logits) else None
+    scores, raw_logits = (() if (return_dict and output_scores) else None), (() if (return_dict and output_logits) else None)
     banned = model.banned_token_ids
 
     state = prefill(decoder, input_ids, attention_mask, cache)
-    unfinished = torch.ones(B, dtype=torch.long, device=input_ids.device)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     thought_ids, weights = [], []
     while True:
         thought = think(model, state, options)
@@ -236,10 +208,7 @@ def thinking_sample(
             scores += (next_scores,)
         if raw_logits is not None:
             raw_logits += (next_logits,)
-        if generation_config.do_sample:
-            next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            next_tokens = next_scores.argmax(-1)
+        next_tokens = _choose(next_scores, generation_config.do_sample)
         if has_eos_stopping_criteria:  # finished rows keep emitting padding
             next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
@@ -260,13 +229,37 @@ def thinking_sample(
     extra = {}
     if options.return_thoughts:
         extra = dict(thought_ids=torch.stack(thought_ids, dim=1), mixing_weights=torch.stack(weights, dim=1))
-    return ThinkingGenerateOutput(
-        sequences=input_ids,
-        scores=scores,
-        logits=raw_logits,
-        **with_cache(state.cache if generation_config.use_cache is not False else None),
-        **extra,
-    )
+    cache = state.cache if generation_config.use_cache is not False else None
+    return ThinkingGenerateOutput(sequences=input_ids, scores=scores, logits=raw_logits, **with_cache(cache), **extra)
+
+
+def _choose(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    if do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return scores.argmax(-1)
+
+
+def _decoding_cache(model, model_kwargs, generation_config, options: ThinkingOptions, batch: int):
+    """The base model's KV cache for thinking generation: the caller's DynamicCache, a preallocated
+    one (``decode`` static or compiled), or None (prefill builds a DynamicCache)."""
+    cache = cache_of(model_kwargs)
+    if cache is not None and not getattr(cache, "_is_user_defined", False):
+        cache = None  # generate() sized its default cache for the wrapper's config; build one for the base model
+    if cache is not None and (not hasattr(cache, "crop") or any(getattr(cache, "is_sliding", ()))):
+        raise ValueError(
+            f"thinking generation crops every thought off the cache, so it needs a DynamicCache() that keeps every key "
+            f"(built without a config: sliding-window layers drop the keys a cropped thought overwrote), got {type(cache).__name__}"
+        )
+    _check_window(model.base_lm.base_model.config, generation_config.max_length, options.n_thought_tokens)
+    if options.decode not in ("dynamic", "static", "compiled"):
+        raise ValueError(f"decode must be 'dynamic', 'static' or 'compiled', got {options.decode!r}")
+    if options.decode == "dynamic":
+        return cache
+    if cache is not None:
+        raise ValueError(f"decode={options.decode!r} preallocates its own cache; pass no past_key_values")
+    # prompt + new tokens + the last thought's sot, N tokens and eot
+    max_len = generation_config.max_length + options.n_thought_tokens + 2
+    return static_decoding(model, batch, max_len, options.decode == "compiled").cache
 
 
 THINKING_OPTIONS_KWARG = "thinking_options"  # generate() -> _sample, through GenerationMixin's model kwargs

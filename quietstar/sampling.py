@@ -7,7 +7,6 @@ import torch
 
 from .compat import kv_cache_kept, with_cache
 from .layout import ThoughtLayout
-from .window import full_kv_cache
 
 
 def ban_tokens(logits: torch.Tensor, banned_ids) -> torch.Tensor:
