@@ -73,10 +73,7 @@ def _time(fn, backward: bool, inputs, grad_out) -> float:
 def run(args) -> list[dict]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    import triton_kernels
-    from quietstar.ops import thought_attention_torch
+    from torch.nn.attention.flex_attention import flex_attention
 
     # One graph per (L, S) and per grad mode: stay under dynamo's recompile limit (8 by default), past
     # which later shapes would silently run eager flex attention (and run out of memory).
@@ -95,25 +92,7 @@ def run(args) -> list[dict]:
             q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
             g = torch.randn(B, H, T, D, device=dev, dtype=dtype)
 
-            paths = {
-                "quietstar_triton": lambda: triton_kernels.thought_attention(q, k, v, base_len=L),
-                "quietstar_torch": lambda: thought_attention_torch(q, k, v, base_len=L),
-            }
-            skipped = {}
-            block_mask = create_block_mask(_thought_mask_mod(L), None, None, T, T, device=dev)
-            paths["flex"] = lambda: flex(q, k, v, block_mask=block_mask)
-            mask_gib = T * T * (1 + 2) / 2**30  # the bool mask + the backend's bf16 bias copy
-            if mask_gib <= args.max_dense_mask_gib:
-                dense = is_visible(*(x for x in _grid_indices(T, L, dev)))[None, None]
-
-                def sdpa_dense():
-                    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-                        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-
-                paths["sdpa_dense"] = sdpa_dense
-            else:
-                skipped["sdpa_dense"] = f"dense mask needs ~{mask_gib:.1f} GiB > --max-dense-mask-gib {args.max_dense_mask_gib}"
-
+            paths, skipped = _gpu_paths(q, k, v, L, flex, args.max_dense_mask_gib)
             # Causal flash attention over Tc tokens does Tc(Tc+1)/2 entries: pick Tc to match.
             Tc = round((math.sqrt(8 * entries / B + 1) - 1) / 2)
             qc, kc, vc = (torch.randn(B, H, Tc, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -123,16 +102,7 @@ def run(args) -> list[dict]:
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)
 
-            # Sanity before timing: the two thought paths agree, forward and gradients (max error over the
-            # torch path's largest magnitude; bf16 rounds at ~4e-3 per operation).
-            agreement = []
-            results = [(out, *torch.autograd.grad(out, (q, k, v), g))
-                       for out in (paths[name]() for name in ("quietstar_triton", "quietstar_torch"))]
-            for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
-                agreement.append(f"{name} {((a.float() - b.float()).abs().max() / b.float().abs().max()).item():.1e}")
-            del results
-            print(f"L={L} S={S} T={T}: triton vs torch, max error / max |torch|: {', '.join(agreement)}", flush=True)
-
+            _print_agreement(paths, (q, k, v), g, f"L={L} S={S} T={T}")
             for backward in (False, True):
                 mode = "fwd+bwd" if backward else "fwd"
                 times = {}
@@ -155,9 +125,50 @@ def run(args) -> list[dict]:
                     })
             for name, why in skipped.items():
                 print(f"  skipped {name}: {why}", flush=True)
-            del q, k, v, g, qc, kc, vc, gc, paths, block_mask
+            del q, k, v, g, qc, kc, vc, gc, paths
             torch.cuda.empty_cache()
     return rows
+
+
+def _gpu_paths(q, k, v, L: int, flex, max_dense_mask_gib: float):
+    """The attention paths timed at one point, and the ones skipped with why."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    import triton_kernels
+    from quietstar.ops import thought_attention_torch
+
+    T, dev = q.shape[2], q.device
+    paths = {
+        "quietstar_triton": lambda: triton_kernels.thought_attention(q, k, v, base_len=L),
+        "quietstar_torch": lambda: thought_attention_torch(q, k, v, base_len=L),
+    }
+    skipped = {}
+    block_mask = create_block_mask(_thought_mask_mod(L), None, None, T, T, device=dev)
+    paths["flex"] = lambda: flex(q, k, v, block_mask=block_mask)
+    mask_gib = T * T * (1 + 2) / 2**30  # the bool mask + the backend's bf16 bias copy
+    if mask_gib <= max_dense_mask_gib:
+        dense = is_visible(*(x for x in _grid_indices(T, L, dev)))[None, None]
+
+        def sdpa_dense():
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+
+        paths["sdpa_dense"] = sdpa_dense
+    else:
+        skipped["sdpa_dense"] = f"dense mask needs ~{mask_gib:.1f} GiB > --max-dense-mask-gib {max_dense_mask_gib}"
+    return paths, skipped
+
+
+def _print_agreement(paths, inputs, grad_out, where: str) -> None:
+    """Sanity before timing: the two thought paths agree, forward and gradients (max error over the
+    torch path's largest magnitude; bf16 rounds at ~4e-3 per operation)."""
+    results = [(out, *torch.autograd.grad(out, inputs, grad_out))
+               for out in (paths[name]() for name in ("quietstar_triton", "quietstar_torch"))]
+    agreement = [f"{name} {((a.float() - b.float()).abs().max() / b.float().abs().max()).item():.1e}"
+                 for name, a, b in zip(("out", "dq", "dk", "dv"), *results)]
+    print(f"{where}: triton vs torch, max error / max |torch|: {', '.join(agreement)}", flush=True)
 
 
 def _grid_indices(T: int, L: int, dev):

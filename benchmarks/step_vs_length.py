@@ -229,7 +229,7 @@ def collect(args, trees: dict, points: list) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--lengths", default="64,128,256,512,1024", help="points, comma-separated: L (batch 1) or BxL")
@@ -248,7 +248,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler's top kernels of one step per side and kind (stderr)")
     parser.add_argument("--timeout", type=float, help="seconds per worker process; a cut-short worker keeps its finished rows")
     parser.add_argument("--json", help="also write every row as a JSON line to this file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.worker:
         for row in worker(json.loads(args.worker)):
             print(json.dumps(row), flush=True)
