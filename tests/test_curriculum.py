@@ -10,7 +10,7 @@ from tiny_models import padded_batch, tiny_base
 from quietstar import QuietStarForCausalLM
 from quietstar.training.curriculum import ThoughtSchedule, ThoughtStage, set_n_thought_tokens, thinking_model
 
-PAPER = [{"from_step": 0, "n_thought_tokens": 16}, {"from_step": 400, "n_thought_tokens": 12},
+STAGES = [{"from_step": 0, "n_thought_tokens": 16}, {"from_step": 400, "n_thought_tokens": 12},
          {"from_step": 800, "n_thought_tokens": 8}]
 
 
@@ -46,7 +46,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_valid_schedules_pass():
-    assert ThoughtSchedule(PAPER).problems() == []
+    assert ThoughtSchedule(STAGES).problems() == []
     assert schedule((0, 4)).problems() == []
     assert schedule((0, 4), (5, 4)).problems() == []  # equal lengths are not an increase
     assert schedule((0, 4), (5, 8), allow_increase=True).problems() == []
@@ -55,20 +55,20 @@ def test_valid_schedules_pass():
 # ---------------------------------------------------------------------- N as a function of the step
 
 
-def test_n_at_each_step_of_the_paper_schedule():
-    paper = ThoughtSchedule(PAPER)
+def test_n_at_each_step_of_a_three_stage_schedule():
+    stages = ThoughtSchedule(STAGES)
     expected = {0: 16, 1: 16, 399: 16, 400: 12, 401: 12, 799: 12, 800: 8, 10**6: 8}
-    assert {step: paper.n_thought_tokens_at(step) for step in expected} == expected
-    assert paper.max_n_thought_tokens == 16
+    assert {step: stages.n_thought_tokens_at(step) for step in expected} == expected
+    assert stages.max_n_thought_tokens == 16
     with pytest.raises(ValueError, match="step must be an integer >= 0"):
-        paper.n_thought_tokens_at(-1)
+        stages.n_thought_tokens_at(-1)
 
 
 def test_n_is_a_pure_function_of_the_step():
     """What resume relies on: no state, so a schedule rebuilt from the saved config (another object,
     queried in another order, after other queries) gives every step the same N."""
     steps = list(range(0, 1000, 7))
-    first = ThoughtSchedule(PAPER)
+    first = ThoughtSchedule(STAGES)
     forward = [first.n_thought_tokens_at(s) for s in steps]
     again = [first.n_thought_tokens_at(s) for s in steps]
     rebuilt = ThoughtSchedule(**first.to_dict())  # the config as written to config.yaml and read back
@@ -88,27 +88,29 @@ def thinking(n=4, layers=2, **settings):
     return model
 
 
-class Wrapper(torch.nn.Module):
-    """Stands for DistributedDataParallel / DeepSpeedEngine: the model under ``.module``."""
+@pytest.fixture
+def single_process_group(tmp_path):
+    """A one-process gloo group, so that a real DistributedDataParallel can wrap a model on the CPU."""
+    import torch.distributed as dist
 
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
-def test_before_step_sets_n_through_wrappers_and_returns_it():
+def test_before_step_sets_n_through_wrappers_and_returns_it(single_process_group):
     model = thinking(n=16)
-    wrapped = torch.compile(Wrapper(Wrapper(model)))  # compile only wraps here: nothing runs
+    wrapped = torch.compile(torch.nn.parallel.DistributedDataParallel(model))  # compile only wraps here: nothing runs
     assert thinking_model(wrapped) is model
-    paper = ThoughtSchedule(PAPER)
+    stages = ThoughtSchedule(STAGES)
     for step, n in ((0, 16), (400, 12), (799, 12), (800, 8), (3, 16)):
-        assert paper.before_step(step, wrapped) == n
+        assert stages.before_step(step, wrapped) == n
         assert model.config.n_thought_tokens == n
 
 
 def test_before_step_refuses_a_model_without_thoughts():
     with pytest.raises(TypeError, match="thinking: false trains the plain base LM"):
-        ThoughtSchedule(PAPER).before_step(0, tiny_base("llama"))
+        ThoughtSchedule(STAGES).before_step(0, tiny_base("llama"))
     with pytest.raises(ValueError, match="n_thought_tokens must be an integer >= 1"):
         set_n_thought_tokens(thinking(), 0)
 

@@ -1,17 +1,19 @@
 """A thought-length curriculum: ``n_thought_tokens`` as a function of the optimiser step.
 
 Fast Quiet-STaR (Huang et al. 2025, arXiv 2505.17746) trains with long thoughts first and shortens
-them in stages (their runs: 16 -> 12 -> 8 tokens), each stage starting from the previous one's
-weights. Here that is one run whose config lists the stages::
+them in stages, each starting from the previous one's weights. Their released script
+(``run_sh/fast_quiet_star_mistral.sh``) runs three trainings with the official ``n_ahead`` 16, 12, 8
+(N = n_ahead - 3 = 13, 9, 5 here, docs/ALGORITHM.md), K 8, 4, 4, lr 2e-6, 1e-6, 1e-6. Here the
+stages of N are one run whose config lists them::
 
     thought:
       schedule:
         stages:
-          - {from_step: 0, n_thought_tokens: 16}
-          - {from_step: 400, n_thought_tokens: 12}
-          - {from_step: 800, n_thought_tokens: 8}
+          - {from_step: 0, n_thought_tokens: 13}
+          - {from_step: 400, n_thought_tokens: 9}
+          - {from_step: 800, n_thought_tokens: 5}
 
-    schedule = ThoughtSchedule([ThoughtStage(0, 16), ThoughtStage(400, 12), ThoughtStage(800, 8)])
+    schedule = ThoughtSchedule([ThoughtStage(0, 13), ThoughtStage(400, 9), ThoughtStage(800, 5)])
     n = schedule.before_step(step, model)   # every optimiser step, before its first forward; log n
 
 N is a pure function of the step (no state), so a resumed run thinks with the N its step calls for.
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from ..inputs import check_length_fits
 from ..layout import n_extra_steps
 
-EXAMPLE = "[{from_step: 0, n_thought_tokens: 16}, {from_step: 400, n_thought_tokens: 12}]"
+EXAMPLE = "[{from_step: 0, n_thought_tokens: 13}, {from_step: 400, n_thought_tokens: 9}]"
 
 
 @dataclass
@@ -83,7 +85,7 @@ class ThoughtSchedule:
                                 f"{before.from_step}: list the stages in the order they start, at most one per step")
             if stage.n_thought_tokens > before.n_thought_tokens and not self.allow_increase:
                 problems.append(f"{where}.stages[{i}].n_thought_tokens {stage.n_thought_tokens} is longer than stages[{i - 1}]'s "
-                                f"{before.n_thought_tokens}: a curriculum shortens thoughts (Fast Quiet-STaR: 16 -> 12 -> 8); "
+                                f"{before.n_thought_tokens}: a curriculum shortens thoughts (Fast Quiet-STaR: 13 -> 9 -> 5); "
                                 f"set {where}.allow_increase: true to lengthen them on purpose")
         return problems
 
@@ -127,19 +129,16 @@ class ThoughtSchedule:
 
 
 def thinking_model(model):
-    """The QuietStarForCausalLM inside DDP / DeepSpeed / torch.compile wrappers (as the loop's
-    ``accelerator.unwrap_model`` finds it). FSDP2's ``fully_shard`` wraps nothing: the model is itself."""
+    """The QuietStarForCausalLM inside DDP / DeepSpeed / FSDP1 / torch.compile wrappers, found as the
+    loop's ``accelerator.unwrap_model`` finds it. FSDP2's ``fully_shard`` wraps nothing."""
+    from accelerate.utils import extract_model_from_parallel
+
     from ..modeling import QuietStarForCausalLM
 
-    inner = model
-    while not isinstance(inner, QuietStarForCausalLM):
-        if hasattr(inner, "_orig_mod"):  # torch.compile
-            inner = inner._orig_mod
-        elif hasattr(inner, "module"):  # DistributedDataParallel, DeepSpeedEngine, FSDP1
-            inner = inner.module
-        else:
-            raise TypeError(f"thought.schedule needs a thinking model (QuietStarForCausalLM), got {type(model).__name__}; "
-                            "a run with thinking: false trains the plain base LM, which has no thoughts to schedule")
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
+    if not isinstance(inner, QuietStarForCausalLM):
+        raise TypeError(f"thought.schedule needs a thinking model (QuietStarForCausalLM), got {type(inner).__name__}; "
+                        "a run with thinking: false trains the plain base LM, which has no thoughts to schedule")
     return inner
 
 
