@@ -16,6 +16,7 @@ def saved_teacher(folder, seed=0):
     copy of that base, would start at KL 0), and its tied embedding is 5x the init scale, so its
     predictions are not near-uniform."""
     tokenizer = byte_tokenizer()
+    torch.manual_seed(seed)  # the mixing head and delimiter init draw from the global RNG
     model = QuietStarForCausalLM.from_base(tiny_random_llama(len(tokenizer), seed), tokenizer=tokenizer,
                                            n_thought_tokens=2, n_talk_tokens=2, n_passes=1)
     with torch.no_grad():
