@@ -10,12 +10,13 @@ import pytest
 from quietstar import QuietStarConfig
 from quietstar.training.checkpoint import CheckpointWarning, complete_checkpoints, latest_checkpoint
 from quietstar.training.cli import check_accelerate_config, main
-from quietstar.training.config import (
-    ConfigError, RunConfig, ThoughtConfig, load_config, runtime_thought_fields, save_config, validate,
-)
+from quietstar.training.config import ConfigError, RunConfig, ThoughtConfig, runtime_thought_fields
+from quietstar.training.config_checks import validate
+from quietstar.training.config_loading import load_config, save_config
 from quietstar.training.data import build_dataset
-from quietstar.training.loop import lr_lambda, train
-from quietstar.training.models import byte_tokenizer
+from quietstar.training.loop import train
+from quietstar.training.optimizer import lr_lambda
+from quietstar.assets import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "train" / "configs").glob("*.yaml"))
