@@ -32,10 +32,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..lora import has_lora
+from .. import QuietStarForCausalLM
+from ..lora import has_lora, merge_lora, save_lora
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
@@ -48,6 +50,79 @@ KIND_NAMES = {None: "an unsharded state", "dcp": "FSDP2-on-CPU shards (torch.dis
 
 class CheckpointWarning(UserWarning):
     pass
+
+
+class Checkpointer:
+    """What a run reads from and writes to disk, as the loop calls it: ``resume()`` once after setup,
+    ``save(step)`` after every step (it writes every ``checkpoint.every``), ``export()`` at the end.
+    The strategy writes and reads the model and optimiser; this class the rest of the run's state."""
+
+    def __init__(self, strategy, cfg, *, model, optimizer, scheduler, data, tokenizer, config_yaml: str):
+        self.strategy, self.cfg, self.out_dir, self.config_yaml = strategy, cfg, Path(cfg.output_dir), config_yaml
+        self.model, self.optimizer, self.scheduler, self.data, self.tokenizer = model, optimizer, scheduler, data, tokenizer
+
+    def resume(self) -> int:
+        """Continue from ``cfg.resume``: model, optimiser, scheduler, RNG, data position; returns the step."""
+        cfg, accelerator, step = self.cfg, self.strategy.accelerator, 0
+        path = None if cfg.resume == "no" else (latest_checkpoint(self.out_dir) if cfg.resume == "auto" else Path(cfg.resume))
+        if path is not None:
+            state = load_checkpoint(self.strategy, path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.data.load_state_dict({"world_size": state["world_size"], **state["data"]})
+            step = state["step"]
+            if state["world_size"] != accelerator.num_processes:
+                resume_on_other_world_size(state, cfg, step, accelerator.process_index, accelerator.num_processes)
+            data = self.data
+            where = f"window {data.windows_consumed} of the global order" if hasattr(data, "windows_consumed") else f"micro-batch {data.position}"
+            accelerator.print(f"resumed from {path} at step {step} (data: {where})")
+        if step >= cfg.optim.steps:
+            accelerator.print(f"nothing to do: already at step {step} of {cfg.optim.steps}")
+        return step
+
+    def save(self, step: int) -> None:
+        every = self.cfg.checkpoint.every
+        if every and step % every == 0:
+            save_checkpoint(self.strategy, self.out_dir, step=step, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, data_state={**self.data.state_dict(), "grad_accum": self.cfg.optim.grad_accum},
+                            config_yaml=self.config_yaml, keep=self.cfg.checkpoint.keep)
+
+    def export(self) -> Path:
+        """``save_pretrained`` the FULL model (gathered under FSDP / ZeRO-3) into ``output_dir/final``.
+
+        A LoRA run first saves its adapters, head and delimiters to ``output_dir/final_lora``, then merges
+        the adapters into the base weights in place (export is the run's last use of the model), so
+        ``final`` is a plain checkpoint either way."""
+        from tqdm.auto import tqdm
+
+        accelerator, export_dir = self.strategy.accelerator, self.out_dir / "final"
+        accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(self.model)
+        if has_lora(unwrapped):
+            if accelerator.is_main_process and isinstance(unwrapped, QuietStarForCausalLM):
+                save_lora(unwrapped, self.out_dir / "final_lora", self.tokenizer)
+            merge_lora(unwrapped)  # every process: the replicas stay identical
+        state_dict = self.strategy.full_state_dict(self.model)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(self.model).save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(export_dir)
+            (export_dir / "quietstar_train.yaml").write_text(self.config_yaml, encoding="utf-8")
+            tqdm.write(f"exported {export_dir} (rank {accelerator.process_index})")
+            sys.stdout.flush()
+        return export_dir
+
+
+def resume_on_other_world_size(state: dict, cfg, step: int, rank: int, world: int) -> None:
+    """A checkpoint of another process count: the data continues at the same window of the global
+    order (data.py); per-process RNG streams cannot be mapped, so thought sampling is re-seeded from
+    (seed, step, rank) -- not from the run's start, which would replay its first steps' draws."""
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
+    written = state["data"]
+    if "grad_accum" in written and "batch_size" in written:
+        before = written["batch_size"] * state["world_size"] * written["grad_accum"]
+        now = cfg.optim.batch_size * world * cfg.optim.grad_accum
+        if before != now:
+            warnings.warn(f"windows per optimiser step (batch_size x processes x grad_accum) were {before}, now {now}: "
+                          f"the windows come in the same order but are grouped into other steps; keep the product at {before} "
+                          "(e.g. double optim.grad_accum when halving the processes) to keep the steps", UserWarning, stacklevel=3)
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:

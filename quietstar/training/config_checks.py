@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from ..configuration import QuietStarConfig
-from .config import ConfigError, LoraSettings, RunConfig
+from .config import ConfigError, LoraSettings, OptimConfig, RunConfig
+from .precision import POLICY_COMPUTE
 
 SPECIAL_MODELS = ("smollm2", "tiny-random-llama")
 DATA_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -46,8 +47,6 @@ def thought_problems(cfg: RunConfig) -> list[str]:
 
 
 def optim_problems(cfg: RunConfig) -> list[str]:
-    from .precision import precision_problems
-
     o, problems = cfg.optim, []
     for name in ("steps", "batch_size", "grad_accum", "global_batch"):
         if getattr(o, name) is not None and getattr(o, name) < 1:
@@ -63,6 +62,15 @@ def optim_problems(cfg: RunConfig) -> list[str]:
     if len(o.betas) != 2:
         problems.append(f"optim.betas must be two numbers, got {o.betas}")
     return problems
+
+
+def precision_problems(optim: OptimConfig) -> list[str]:
+    """Contradictions between ``optim.precision`` and ``optim.mixed_precision`` (config validation)."""
+    allowed = POLICY_COMPUTE.get(optim.precision)
+    if allowed is None or optim.mixed_precision in ("auto", *allowed):
+        return []
+    return [f"optim.precision {optim.precision} computes in {' or '.join(allowed)}, but optim.mixed_precision is "
+            f"{optim.mixed_precision!r}; set optim.mixed_precision to {allowed[0]!r} (or 'auto')"]
 
 
 def logging_problems(cfg: RunConfig) -> list[str]:

@@ -14,9 +14,23 @@ from pathlib import Path
 import torch
 
 from ..assets import byte_tokenizer, tiny_random_llama  # noqa: F401  (the benchmarks import them from here)
-from .config import ConfigError, LoraSettings, ModelConfig, ThoughtConfig, runtime_thought_fields
+from .config import ConfigError, LoraSettings, ModelConfig, RunConfig, ThoughtConfig, runtime_thought_fields
+from .precision import PrecisionPolicy, cast_parameters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_run_model(cfg: RunConfig, policy: PrecisionPolicy):
+    """(model, tokenizer) of a run in the policy's dtype, checked against the window length; the control
+    (``thinking: false``) trains the same base weights as a plain causal LM."""
+    torch.manual_seed(cfg.seed)  # identical weights on every process (DDP also broadcasts rank 0's)
+    model, tokenizer = build_model(cfg.model, cfg.thought, seed=cfg.seed)  # a module global: tests wrap it
+    cast_parameters(model, policy)
+    try:  # before any data is read: the model's own check (positions, sliding window)
+        model.check_sequence_length(cfg.data.seq_len)
+    except ValueError as err:
+        raise ConfigError(f"data.seq_len {cfg.data.seq_len}: {err}") from None
+    return (model if cfg.thinking else model.base_lm), tokenizer
 
 
 def build_model(cfg: ModelConfig, thought: ThoughtConfig, seed: int = 0):

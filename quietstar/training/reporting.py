@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +16,39 @@ from .sharding import full_tensor
 
 CONSOLE_TERMS = ("loss", "nll_base", "nll_talk", "policy_loss", "reward_mean", "advantage_mean", "mixing_weight_mean",
                  "grad_norm", "lr", "tokens_per_s", "peak_memory_mb")
+
+
+class Reporter:
+    """The run's reports as the loop calls them: ``log(step, ...)`` after every step (it logs every
+    ``logging.every`` and the last), ``thoughts(step, ...)`` (every ``logging.thoughts_every``), ``close()``."""
+
+    def __init__(self, accelerator, cfg: RunConfig, tokenizer, first_step: int):
+        from tqdm.auto import tqdm
+
+        self.accelerator, self.cfg, self.tokenizer, self.out_dir = accelerator, cfg, tokenizer, Path(cfg.output_dir)
+        start_trackers(accelerator, cfg)
+        self.bar = tqdm(total=cfg.optim.steps, initial=first_step, dynamic_ncols=True, desc=cfg.name,
+                        disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
+
+    def log(self, step: int, result, lr: float, t0: float) -> dict | None:
+        """Metrics of a logged step, to trackers and console; None on the other steps."""
+        cfg, accelerator, metrics = self.cfg, self.accelerator, None
+        if step % cfg.logging.every == 0 or step == cfg.optim.steps:
+            metrics = reduce_metrics(accelerator, result, lr=lr, elapsed=time.perf_counter() - t0)
+            accelerator.log(metrics, step=step)
+            print_step(self.bar, step, cfg.optim.steps, metrics, accelerator.is_main_process)
+        self.bar.update(1)
+        return metrics
+
+    def thoughts(self, step: int, result, model) -> None:
+        """A few decoded thoughts of the step (``model``: the unwrapped model, for its n_passes)."""
+        every = self.cfg.logging.thoughts_every
+        if result.thought_ids is not None and every and step % every == 0 and self.accelerator.is_main_process:
+            dump_thoughts(self.accelerator, self.bar, self.tokenizer, result, step, self.out_dir, self.cfg.logging.n_thoughts,
+                          model.config.n_passes)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def start_trackers(accelerator, cfg: RunConfig) -> None:
