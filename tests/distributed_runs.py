@@ -1,7 +1,8 @@
 """Training runs of the tiny model in subprocesses, shared by the FSDP2 and world-size resume tests.
 
 Each named run is launched once per test session (they cost seconds each on two cores) and its
-output folder handed to every test that reads it.
+output folder handed to every test that reads it. Every launch runs ``tests/trace_run.py`` (the
+command with a per-step trace of every process) in place of ``quietstar.training.cli``.
 """
 
 import json
@@ -20,33 +21,35 @@ STEPS = 8  # a step costs a fraction of a second, a launch ~10 s: the kill test 
 COMMON = [f"optim.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=0", "thought.policy_loss_weight=1.0",
           "logging.thoughts_every=0"]
 
+TRACED = "tests.trace_run"  # quietstar-train whose every process writes a per-step trace
 LAUNCH = {
     # quietstar-train checks the accelerate config, then re-launches under `accelerate launch`.
-    "fsdp2": [sys.executable, "-m", "quietstar.training.cli", "--accelerate-config", str(FSDP_CPU)],
+    "fsdp2": [sys.executable, "-m", TRACED, "--accelerate-config", str(FSDP_CPU)],
     "fsdp1": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU), "--num_processes", "1",
-              "--module", "quietstar.training.cli"],
-    "ddp2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "quietstar.training.cli"],
-    "ddp1": [sys.executable, "-m", "quietstar.training.cli"],
+              "--module", TRACED],
+    "ddp2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", TRACED],
+    "ddp1": [sys.executable, "-m", TRACED],
 }
 
 _finished: dict[str, Path] = {}
 
 
-def env() -> dict:
+def env(out: Path | None = None) -> dict:
+    """The subprocesses' environment; with ``out``, their trace goes to ``<out>-trace.rank<R>.jsonl``."""
+    extra = {"QUIETSTAR_TRACE": f"{out}-trace"} if out is not None else {}
     out = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **extra)
     out.pop("TRITON_INTERPRET", None)
     return out
 
 
 def command(launch: str, out: Path, *extra: str) -> list[str]:
-    sets = [f"output_dir={out}", f"logging.trace_file={out}-trace", "logging.progress_bar=false", *COMMON, *extra]
+    sets = [f"output_dir={out}", "logging.progress_bar=false", *COMMON, *extra]
     return [*LAUNCH[launch], "--config", str(TINY), *sum((["--set", s] for s in sets), [])]
 
 
 def run(launch: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(launch, out, *extra), env=env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(command(launch, out, *extra), env=env(out), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 

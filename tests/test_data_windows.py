@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from quietstar.training.config import ConfigError, load_config, validate
+from quietstar.assets import byte_tokenizer
+from quietstar.training.config import ConfigError
+from quietstar.training.config_checks import validate
+from quietstar.training.config_loading import load_config
 from quietstar.training.data import build_dataset
-from quietstar.training.models import byte_tokenizer
 from test_training_config import TINY
 
 L = 16

@@ -43,7 +43,7 @@ def test_experiment_runs_end_to_end_and_writes_tables_and_plots(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "train" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_experiment_recipe_loads_and_its_run_validates(path):
     from quietstar.experiment.runner import load_experiment_config
-    from quietstar.training.config import validate
+    from quietstar.training.config_checks import validate
 
     cfg = load_experiment_config(str(path))
     validate(cfg.run)

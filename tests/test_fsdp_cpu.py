@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from quietstar.training.cli import check_accelerate_config
 from quietstar.training.config import ConfigError
-from quietstar.training.loop import check_launch
+from quietstar.training.strategy import check_launch
 
 LAYERS = ["base_lm.model.layers.0", "base_lm.model.layers.1"]  # tiny-random-llama has two decoder layers
 # Measured on this machine (8 steps): losses agree to 1.2e-7 relative, weights to 7e-5 absolute.
@@ -89,7 +89,7 @@ def test_sharded_checkpoint_and_full_export(fsdp):
 
 def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(fsdp, tmp_path):
     run_dir = tmp_path / "killed"
-    killed = subprocess.Popen(command("fsdp2", run_dir), env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    killed = subprocess.Popen(command("fsdp2", run_dir), env=env(run_dir), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, cwd=ROOT)
     for line in killed.stdout:
         if line.startswith("saved checkpoint"):

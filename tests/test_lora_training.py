@@ -12,11 +12,14 @@ pytest.importorskip("peft")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import quietstar  # noqa: E402,F401
+from quietstar.assets import tiny_random_llama  # noqa: E402
 from quietstar.lora import has_lora, load_lora  # noqa: E402
 from quietstar.training.cli import main as quietstar_train  # noqa: E402
-from quietstar.training.config import ConfigError, LoraSettings, load_config, validate  # noqa: E402
+from quietstar.training.config import ConfigError, LoraSettings  # noqa: E402
+from quietstar.training.config_checks import validate  # noqa: E402
+from quietstar.training.config_loading import load_config  # noqa: E402
 from quietstar.training.loop import train  # noqa: E402
-from quietstar.training.models import build_model, tiny_random_llama  # noqa: E402
+from quietstar.training.models import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "train" / "configs" / "tiny_test.yaml"

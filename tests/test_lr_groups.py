@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from quietstar import QuietStarForCausalLM
-from quietstar.training.config import ConfigError, load_config, validate
-from quietstar.training.loop import make_optimizer, parameter_part
+from quietstar.training.config import ConfigError
+from quietstar.training.config_checks import validate
+from quietstar.training.config_loading import load_config
+from quietstar.training.optimizer import make_optimizer, parameter_part
 from tests.tiny_models import VOCAB, tiny_base
 
 TINY = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_test.yaml"

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from quietstar.training.batch import batch_plan
-from quietstar.training.config import load_config
-from quietstar.training.loop import lr_lambda
+from quietstar.training.config_loading import load_config
+from quietstar.training.optimizer import lr_lambda
 
 RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "mistral7b_openwebmath.yaml"
 

@@ -4,9 +4,9 @@ of the global order; the restored weights and schedule are the checkpoint's."""
 import pytest
 from distributed_runs import STEPS, TINY, run, run_once, trace
 
-from quietstar.training.config import load_config
+from quietstar.training.config_loading import load_config
 from quietstar.training.data import build_dataset
-from quietstar.training.models import byte_tokenizer
+from quietstar.assets import byte_tokenizer
 
 CHECKPOINT_STEP = 2
 # Thought sampling is re-seeded, so only the first resumed step's base NLL (a function of the

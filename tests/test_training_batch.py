@@ -9,9 +9,10 @@ from distributed_runs import ROOT, run, trace
 
 from quietstar.training.batch import batch_plan, check_budget
 from quietstar.training.cli import main
-from quietstar.training.config import ConfigError, load_config
+from quietstar.training.config import ConfigError
+from quietstar.training.config_loading import load_config
 from quietstar.training.data import PackedDataset, build_dataset
-from quietstar.training.models import byte_tokenizer
+from quietstar.assets import byte_tokenizer
 
 RECIPE = ROOT / "train" / "configs" / "mistral7b_openwebmath.yaml"
 TINY = ROOT / "train" / "configs" / "tiny_test.yaml"

@@ -10,12 +10,13 @@ import pytest
 from quietstar import QuietStarConfig
 from quietstar.training.checkpoint import CheckpointWarning, complete_checkpoints, latest_checkpoint
 from quietstar.training.cli import check_accelerate_config, main
-from quietstar.training.config import (
-    ConfigError, RunConfig, ThoughtConfig, load_config, runtime_thought_fields, save_config, validate,
-)
+from quietstar.training.config import ConfigError, RunConfig, ThoughtConfig, runtime_thought_fields
+from quietstar.training.config_checks import validate
+from quietstar.training.config_loading import load_config, save_config
 from quietstar.training.data import build_dataset
-from quietstar.training.loop import lr_lambda, train
-from quietstar.training.models import byte_tokenizer
+from quietstar.training.loop import train
+from quietstar.training.optimizer import lr_lambda
+from quietstar.assets import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "train" / "configs").glob("*.yaml"))
@@ -214,3 +215,21 @@ def test_runtime_thought_fields_are_the_ones_that_change_no_weights():
     fields = runtime_thought_fields()
     assert "mixing_head_activation" not in fields and "embedding_scale" not in fields
     assert {"n_thought_tokens", "thought_temperature", "policy_loss_weight", "n_passes"} <= set(fields)
+
+
+def test_a_saved_quietstar_folder_keeps_its_weight_settings_and_takes_the_runtime_ones(tmp_path):
+    """model.path = a saved Quiet-STaR folder: the run config's defaults for the settings its weights
+    depend on (embedding_scale 100) do not clash with the saved ones; the runtime ones apply."""
+    from quietstar import QuietStarForCausalLM
+    from quietstar.assets import tiny_random_llama
+    from quietstar.training.models import build_model
+
+    tok = byte_tokenizer()
+    saved = QuietStarForCausalLM.from_base(tiny_random_llama(len(tok), seed=0), tokenizer=tok, embedding_scale=10.0,
+                                           n_thought_tokens=2)
+    saved.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    cfg = load_config(TINY, [f"model.path={tmp_path / 'saved'}", "thought.n_thought_tokens=5"])
+    assert cfg.thought.embedding_scale == 100.0
+    model, _ = build_model(cfg.model, cfg.thought)
+    assert model.config.embedding_scale == 10.0 and model.config.n_thought_tokens == 5

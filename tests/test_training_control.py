@@ -7,24 +7,29 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from quietstar.training.config import load_config
+from quietstar.training.config_loading import load_config
 from quietstar.training.data import build_dataset
 from quietstar.training.loop import train
 from quietstar.training.models import build_model
+from trace_run import tracer
 
 TINY = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_test.yaml"
 
 
 def _cfg(out, thinking):
     return load_config(TINY, [f"output_dir={out}", f"thinking={thinking}", "optim.steps=2", "checkpoint.every=0",
-                              "logging.progress_bar=false", f"logging.trace_file={out}/trace"])
+                              "logging.progress_bar=false"])
 
 
 def test_control_trains_the_plain_base_on_the_same_batches(tmp_path):
-    calls = []
-    control = train(_cfg(tmp_path / "control", "false"), on_step=lambda step, model, metrics: calls.append(
-        (step, type(model).__name__, model.training, metrics is not None)))
-    train(_cfg(tmp_path / "thinking", "true"))
+    calls, trace = [], {run: tracer(f"{tmp_path / run}-trace") for run in ("control", "thinking")}
+
+    def on_step(report):
+        calls.append((report.step, type(report.model).__name__, report.model.training, report.metrics is not None))
+        trace["control"](report)
+
+    control = train(_cfg(tmp_path / "control", "false"), on_step=on_step)
+    train(_cfg(tmp_path / "thinking", "true"), on_step=trace["thinking"])
     assert calls == [(1, "LlamaForCausalLM", True, True), (2, "LlamaForCausalLM", True, True)]
 
     # Step 1's loss is the plain causal-LM loss of the initial base model on the first two micro-batches.
@@ -42,7 +47,7 @@ def test_control_trains_the_plain_base_on_the_same_batches(tmp_path):
     assert set(first) >= {"loss", "nll_base", "grad_norm"} and "policy_loss" not in first
 
     # Same data order as the thinking run; the thinking run has its Quiet-STaR terms.
-    traces = [[json.loads(line) for line in (tmp_path / run / "trace.rank0.jsonl").read_text().splitlines()]
+    traces = [[json.loads(line) for line in (tmp_path / f"{run}-trace.rank0.jsonl").read_text().splitlines()]
               for run in ("control", "thinking")]
     assert [t["sample_ids"] for t in traces[0]] == [t["sample_ids"] for t in traces[1]]
     assert "policy_loss" in traces[1][0]["metrics"]

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from distributed_runs import ROOT, env, run, trace
 
-from quietstar.training.config import ConfigError, load_config, validate
+from quietstar.training.config import ConfigError
+from quietstar.training.config_checks import validate
+from quietstar.training.config_loading import load_config
 from quietstar.training.precision import accelerate_mixed_precision, deepspeed_plugin, resolve_precision
 
 RECIPE = ROOT / "train" / "configs" / "mistral7b_openwebmath.yaml"
@@ -48,8 +50,8 @@ dist.init_process_group("gloo", rank=0, world_size=1)
 from accelerate import PartialState
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-from quietstar.training.config import load_config
-from quietstar.training.loop import make_optimizer
+from quietstar.training.config_loading import load_config
+from quietstar.training.optimizer import make_optimizer
 from quietstar.training.models import build_model
 from quietstar.training.precision import accelerate_mixed_precision, cast_parameters, resolve_precision, state_dtypes
 PartialState(cpu=True)

@@ -16,15 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "train" / "configs" / "tiny_test.yaml"
 
 
-def _env():
+def _env(out: Path):
+    """The subprocesses' environment; tests/trace_run.py traces every process to ``<out>-trace.rank<R>.jsonl``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", QUIETSTAR_TRACE=f"{out}-trace")
     env.pop("TRITON_INTERPRET", None)
     return env
 
 
 def _args(out: Path, *extra: str) -> list[str]:
-    sets = [f"output_dir={out}", f"logging.trace_file={out}-trace", "logging.progress_bar=false", *extra]
+    sets = [f"output_dir={out}", "logging.progress_bar=false", *extra]
     return ["--config", str(TINY), *sum((["--set", s] for s in sets), [])]
 
 
@@ -33,12 +34,11 @@ def _trace(out: Path, rank: int = 0) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+TRACED = "tests.trace_run"  # quietstar-train whose every process writes a per-step trace
 LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 "-m", "quietstar.training.cli"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", TRACED],
     # quietstar-train checks the accelerate config, then re-launches under `accelerate launch`.
-    "accelerate": [sys.executable, "-m", "quietstar.training.cli", "--accelerate-config",
-                   str(ROOT / "train" / "accelerate" / "cpu_2proc.yaml")],
+    "accelerate": [sys.executable, "-m", TRACED, "--accelerate-config", str(ROOT / "train" / "accelerate" / "cpu_2proc.yaml")],
 }
 
 
@@ -46,7 +46,7 @@ LAUNCHERS = {
 def test_two_process_data_parallel(tmp_path, launcher):
     out = tmp_path / "ddp"
     cmd = [*LAUNCHERS[launcher], *_args(out, "optim.steps=3", "checkpoint.every=3")]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    proc = subprocess.run(cmd, env=_env(out), capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [_trace(out, r) for r in (0, 1)]
     assert [len(t) for t in ranks] == [3, 3]
@@ -78,14 +78,14 @@ def test_two_process_data_parallel(tmp_path, launcher):
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     steps = ["optim.steps=6", "checkpoint.every=2", "checkpoint.keep=0"]
-    cli = [sys.executable, "-m", "quietstar.training.cli"]
+    cli = [sys.executable, "-m", TRACED]
 
     full = tmp_path / "full"
-    proc = subprocess.run([*cli, *_args(full, *steps)], env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    proc = subprocess.run([*cli, *_args(full, *steps)], env=_env(full), capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run = tmp_path / "killed"
-    killed = subprocess.Popen([*cli, *_args(run, *steps)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    killed = subprocess.Popen([*cli, *_args(run, *steps)], env=_env(run), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, cwd=ROOT)
     for line in killed.stdout:
         if line.startswith("saved checkpoint"):
@@ -98,7 +98,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     (run / "checkpoints" / "step-00000098").mkdir()
     (run / "checkpoints" / "step-00000098" / "model.safetensors").write_bytes(b"partial")
 
-    resumed = subprocess.run([*cli, *_args(run, *steps), "--resume"], env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run([*cli, *_args(run, *steps), "--resume"], env=_env(run), capture_output=True, text=True,
                              timeout=240, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "ignoring partially written checkpoint" in resumed.stderr and "ignoring incomplete checkpoint" in resumed.stderr
@@ -123,10 +123,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 # gradient checkpointing each runs again in backward (the recomputation), so the count doubles. The
 # layer's own hooks would not show it: transformers >= 5.25 checkpoints its forward, not its __call__.
 _COUNTING_CLI = """
-import sys, torch
+import os, sys, torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 import quietstar.training.models as models
 from quietstar.training.cli import main
+from tests.trace_run import TRACE_ENV, tracer
 calls = 0
 def count(module, args):
     global calls
@@ -139,7 +140,7 @@ def build_and_count(*args, **kwargs):
             child.register_forward_pre_hook(count)
     return model, tokenizer
 models.build_model = build_and_count  # train() imports it at call time
-status = main(sys.argv[1:])
+status = main(sys.argv[1:], on_step=tracer(os.environ[TRACE_ENV]))
 print(f"decoder sublayer calls with grad: {calls}")
 sys.exit(status)
 """
@@ -150,7 +151,7 @@ def test_gradient_checkpointing_changes_nothing(tmp_path):
     for flag in ("false", "true"):
         out = tmp_path / f"gc-{flag}"
         sets = _args(out, "optim.steps=2", "checkpoint.every=0", "checkpoint.export=false", f"model.gradient_checkpointing={flag}")
-        proc = subprocess.run([sys.executable, "-c", _COUNTING_CLI, *sets], env=_env(), capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", _COUNTING_CLI, *sets], env=_env(out), capture_output=True, text=True,
                               timeout=240, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
         traces.append(_trace(out))

@@ -30,7 +30,8 @@ import yaml
 from ..evaluation.data import load_examples
 from ..evaluation.heldout import by_decile, heldout_evaluation
 from ..evaluation.metric import paper_metric
-from ..training.config import ConfigError, RunConfig, apply_overrides, from_dict, to_dict
+from ..training.config import ConfigError, RunConfig
+from ..training.config_loading import apply_overrides, from_dict, to_dict
 from .corpus import GENERATED, CorpusConfig, check_corpus, prepare_corpus
 
 __all__ = ["ExperimentConfig", "load_experiment_config", "run_experiment", "main"]
@@ -115,11 +116,17 @@ def run_arm(cfg: ExperimentConfig, arm: str, seed: int, train_file: Path, heldou
     ``start``: the untouched model's point on the curve (step 0; a zero-initialised mixing head thinks
     to no effect, so it is the base prediction for both arms)."""
     from ..training.loop import train
+    from ..training.sharding import is_fully_sharded
 
     run = _arm_config(cfg, arm, seed, train_file)
     thinking, total, curve, final = arm == "thinking", run.optim.steps, [start] if start else [], {}
 
-    def on_step(step, model, metrics):
+    def on_step(report):
+        if not report.is_main_process:  # held-out scoring runs on one process, with the whole model
+            return
+        if is_fully_sharded(report.model):  # its forward would wait for the other processes' shards
+            raise ConfigError("periodic held-out evaluation needs the whole model on one process; run experiments without FSDP")
+        step, model = report.step, report.model
         if (cfg.heldout.every and step % cfg.heldout.every == 0) or step == total:
             curve.append(_curve_point(step, _score(model, tokenizer, heldout_text, cfg.heldout, cfg.heldout.max_windows, thinking)))
         if step == total:  # the tables: more windows, the paper's metric

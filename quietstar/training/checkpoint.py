@@ -17,10 +17,10 @@ Contents (data-parallel runs; written by the main process only):
     config.yaml             the resolved run config
 
 FSDP / DeepSpeed runs shard the model and optimiser across processes; there every process writes
-its shard into ``sharded/`` (the model and optimiser files above are left out): with
-``torch.distributed.checkpoint`` for the launcher's own FSDP2 on CPU (``sharding.py``; it reshards
-on load, so such a checkpoint resumes on another process count), with ``accelerator.save_state``
-for accelerate's FSDP / DeepSpeed on GPUs. ``state.json`` records which (``sharded_with``).
+its shard into ``sharded/`` (the model and optimiser files above are left out). The run's strategy
+(``strategy.py``) writes and reads the model and optimiser part; this module owns the folder, its
+atomic rename, the manifest, the RNG and the scheduler. ``state.json`` records which strategy wrote
+it (``sharded_with``).
 """
 
 from __future__ import annotations
@@ -32,70 +32,101 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .sharding import load_sharded, save_sharded, sharded_here
-from ..lora import frozen_state_keys, has_lora, trainable_state_dict
+from .. import QuietStarForCausalLM
+from ..lora import has_lora, merge_lora, save_lora
 
 STATE_FILE = "state.json"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
+# What each strategy's checkpoint_kind ("sharded_with") holds, for the refusal to mix them.
+KIND_NAMES = {None: "an unsharded state", "dcp": "FSDP2-on-CPU shards (torch.distributed.checkpoint)",
+              "accelerate": "accelerate FSDP / DeepSpeed shards"}
 
 
 class CheckpointWarning(UserWarning):
     pass
 
 
+class Checkpointer:
+    """What a run reads from and writes to disk, as the loop calls it: ``resume()`` once after setup,
+    ``save(step)`` after every step (it writes every ``checkpoint.every``), ``export()`` at the end.
+    The strategy writes and reads the model and optimiser; this class the rest of the run's state."""
+
+    def __init__(self, strategy, cfg, *, model, optimizer, scheduler, data, tokenizer, config_yaml: str):
+        self.strategy, self.cfg, self.out_dir, self.config_yaml = strategy, cfg, Path(cfg.output_dir), config_yaml
+        self.model, self.optimizer, self.scheduler, self.data, self.tokenizer = model, optimizer, scheduler, data, tokenizer
+
+    def resume(self) -> int:
+        """Continue from ``cfg.resume``: model, optimiser, scheduler, RNG, data position; returns the step."""
+        cfg, accelerator, step = self.cfg, self.strategy.accelerator, 0
+        path = None if cfg.resume == "no" else (latest_checkpoint(self.out_dir) if cfg.resume == "auto" else Path(cfg.resume))
+        if path is not None:
+            state = load_checkpoint(self.strategy, path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.data.load_state_dict({"world_size": state["world_size"], **state["data"]})
+            step = state["step"]
+            if state["world_size"] != accelerator.num_processes:
+                resume_on_other_world_size(state, cfg, step, accelerator.process_index, accelerator.num_processes)
+            data = self.data
+            where = f"window {data.windows_consumed} of the global order" if hasattr(data, "windows_consumed") else f"micro-batch {data.position}"
+            accelerator.print(f"resumed from {path} at step {step} (data: {where})")
+        if step >= cfg.optim.steps:
+            accelerator.print(f"nothing to do: already at step {step} of {cfg.optim.steps}")
+        return step
+
+    def save(self, step: int) -> None:
+        every = self.cfg.checkpoint.every
+        if every and step % every == 0:
+            save_checkpoint(self.strategy, self.out_dir, step=step, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, data_state={**self.data.state_dict(), "grad_accum": self.cfg.optim.grad_accum},
+                            config_yaml=self.config_yaml, keep=self.cfg.checkpoint.keep)
+
+    def export(self) -> Path:
+        """``save_pretrained`` the FULL model (gathered under FSDP / ZeRO-3) into ``output_dir/final``.
+
+        A LoRA run first saves its adapters, head and delimiters to ``output_dir/final_lora``, then merges
+        the adapters into the base weights in place (export is the run's last use of the model), so
+        ``final`` is a plain checkpoint either way."""
+        from tqdm.auto import tqdm
+
+        accelerator, export_dir = self.strategy.accelerator, self.out_dir / "final"
+        accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(self.model)
+        if has_lora(unwrapped):
+            if accelerator.is_main_process and isinstance(unwrapped, QuietStarForCausalLM):
+                save_lora(unwrapped, self.out_dir / "final_lora", self.tokenizer)
+            merge_lora(unwrapped)  # every process: the replicas stay identical
+        state_dict = self.strategy.full_state_dict(self.model)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(self.model).save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(export_dir)
+            (export_dir / "quietstar_train.yaml").write_text(self.config_yaml, encoding="utf-8")
+            tqdm.write(f"exported {export_dir} (rank {accelerator.process_index})")
+            sys.stdout.flush()
+        return export_dir
+
+
+def resume_on_other_world_size(state: dict, cfg, step: int, rank: int, world: int) -> None:
+    """A checkpoint of another process count: the data continues at the same window of the global
+    order (data.py); per-process RNG streams cannot be mapped, so thought sampling is re-seeded from
+    (seed, step, rank) -- not from the run's start, which would replay its first steps' draws."""
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
+    written = state["data"]
+    if "grad_accum" in written and "batch_size" in written:
+        before = written["batch_size"] * state["world_size"] * written["grad_accum"]
+        now = cfg.optim.batch_size * world * cfg.optim.grad_accum
+        if before != now:
+            warnings.warn(f"windows per optimiser step (batch_size x processes x grad_accum) were {before}, now {now}: "
+                          f"the windows come in the same order but are grouped into other steps; keep the product at {before} "
+                          "(e.g. double optim.grad_accum when halving the processes) to keep the steps", UserWarning, stacklevel=3)
+
+
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def _sharded_with(accelerator, model) -> str | None:
-    """Who writes this run's model state in shards: "dcp" (own FSDP2), "accelerate", or None (one file)."""
-    from accelerate.utils import DistributedType
-
-    if sharded_here(accelerator, model):
-        return "dcp"
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return "accelerate"
-    return None
-
-
-def _dedupe(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors sharing storage (tied embeddings) stored once; ``aliases[key] = stored key``."""
-    seen: dict[tuple, str] = {}
-    tensors, aliases = {}, {}
-    for key, value in state_dict.items():
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype, value.device)
-        if ident in seen:
-            aliases[key] = seen[ident]
-        else:
-            seen[ident] = key
-            tensors[key] = value.detach().to("cpu").contiguous()
-    return tensors, aliases
-
-
-def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
-    for index, entries in state["state"].items():
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value.detach().to("cpu").contiguous()
-            else:
-                meta["state"].setdefault(str(index), {})[name] = value
-    return tensors, meta
-
-
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for index, entries in meta["state"].items():
-        state.setdefault(int(index), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -126,9 +157,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(accelerator, output_dir, *, step: int, model, optimizer, scheduler, data_state: dict,
+def save_checkpoint(strategy, output_dir, *, step: int, model, optimizer, scheduler, data_state: dict,
                     config_yaml: str, keep: int = 0) -> Path | None:
     """Write the checkpoint of optimiser step ``step`` atomically; every process must call it."""
+    accelerator = strategy.accelerator
     root = checkpoint_dir(output_dir)
     name = f"{PREFIX}{step:08d}"
     tmp, final = root / f"{TMP_PREFIX}{name}", root / name
@@ -138,30 +170,12 @@ def save_checkpoint(accelerator, output_dir, *, step: int, model, optimizer, sch
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-
-    sharded_with = _sharded_with(accelerator, model)
-    sharded = sharded_with is not None
-    if sharded_with == "dcp":
-        save_sharded(tmp / "sharded", model, optimizer)
-        model_state = None
-    elif sharded_with == "accelerate":
-        accelerator.save_state(str(tmp / "sharded"), safe_serialization=True)
-        model_state = None
-    else:
-        model_state = accelerator.get_state_dict(model)
-    trainable_only = has_lora(accelerator.unwrap_model(model))
-    if trainable_only and model_state is not None:
-        model_state = trainable_state_dict(accelerator.unwrap_model(model), model_state)
+    written = strategy.save_state(tmp, model, optimizer)  # collective
 
     if accelerator.is_main_process:
         state = {"format": FORMAT_VERSION, "step": step, "data": data_state, "world_size": accelerator.num_processes,
-                 "sharded": sharded, "sharded_with": sharded_with, "scheduler": scheduler.state_dict(),
-                 "trainable_only": trainable_only}
-        if not sharded:
-            tensors, state["aliases"] = _dedupe(model_state)
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            opt_tensors, state["optimizer"] = _split_optimizer_state(optimizer.state_dict())
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+                 "sharded": strategy.checkpoint_kind is not None, "sharded_with": strategy.checkpoint_kind,
+                 "scheduler": scheduler.state_dict(), "trainable_only": has_lora(accelerator.unwrap_model(model)), **written}
         save_file({f"rank{r}.{k}": v for r, s in enumerate(rng_states) for k, v in s.items()}, str(tmp / "rng.safetensors"))
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -235,42 +249,31 @@ def latest_checkpoint(output_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(accelerator, path: Path, *, model, optimizer, scheduler) -> dict:
+def load_checkpoint(strategy, path: Path, *, model, optimizer, scheduler) -> dict:
     """Restore model, optimiser, scheduler and this process's RNG; returns ``state.json``."""
+    accelerator = strategy.accelerator
     problem = check_checkpoint(path)
     if problem:
         raise FileNotFoundError(f"checkpoint {path} is incomplete ({problem}); pick another or use resume: auto")
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     written_with = state.get("sharded_with", "accelerate" if state["sharded"] else None)
-    if written_with != _sharded_with(accelerator, model):
-        kinds = {None: "an unsharded state", "dcp": "FSDP2-on-CPU shards (torch.distributed.checkpoint)",
-                 "accelerate": "accelerate FSDP / DeepSpeed shards"}
-        raise ValueError(f"checkpoint {path} holds {kinds[written_with]}, this run needs "
-                         f"{kinds[_sharded_with(accelerator, model)]}; resume with the same kind of launch (accelerate config)")
-    if written_with == "dcp":
-        load_sharded(path / "sharded", model, optimizer)
-    elif written_with == "accelerate":
-        accelerator.load_state(str(path / "sharded"))
-    else:
-        tensors = load_file(str(path / "model.safetensors"))
-        result = accelerator.unwrap_model(model).load_state_dict(tensors, strict=False)
-        missing = set(result.missing_keys) - set(state["aliases"])
-        if state.get("trainable_only"):  # LoRA: the frozen base weights come from the rebuilt model
-            missing -= frozen_state_keys(accelerator.unwrap_model(model))
-        if missing or result.unexpected_keys:
-            raise ValueError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(result.unexpected_keys)[:5]}")
-        optimizer.load_state_dict(_join_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    if written_with != strategy.checkpoint_kind:
+        raise ValueError(f"checkpoint {path} holds {KIND_NAMES[written_with]}, this run needs "
+                         f"{KIND_NAMES[strategy.checkpoint_kind]}; resume with the same kind of launch (accelerate config)")
+    strategy.load_state(path, model, optimizer, state)
     scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(path, state, accelerator.process_index, accelerator.num_processes)
+    return state
+
+
+def _restore_rng(path: Path, state: dict, rank: int, world: int) -> None:
     rng = load_file(str(path / "rng.safetensors"))
-    rank = accelerator.process_index
-    if state["world_size"] == accelerator.num_processes:
+    if state["world_size"] == world:
         torch.set_rng_state(rng[f"rank{rank}.cpu"])
         if torch.cuda.is_available() and f"rank{rank}.cuda" in rng:
             torch.cuda.set_rng_state(rng[f"rank{rank}.cuda"])
     else:
         # Per-process RNG streams cannot be mapped onto another process count; the loop re-seeds.
-        warnings.warn(f"checkpoint written by {state['world_size']} processes, resumed by {accelerator.num_processes}: "
+        warnings.warn(f"checkpoint written by {state['world_size']} processes, resumed by {world}: "
                       "the data continues at the same window of the global order, but thought sampling is re-seeded "
-                      "from (seed, step, rank), so the run is not bit-identical", CheckpointWarning, stacklevel=2)
-    return state
+                      "from (seed, step, rank), so the run is not bit-identical", CheckpointWarning, stacklevel=3)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, load_config, to_dict, validate
+from .config import ConfigError
+from .config_loading import load_config, to_dict
 
 GPU_TYPES = {"MULTI_GPU", "FSDP", "DEEPSPEED"}
 
@@ -70,30 +71,40 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def relaunch(args, cfg, overrides: list[str], module: str) -> int:
+    """``accelerate launch --config_file FILE --module MODULE`` with this command's config and overrides,
+    after checking the file against this machine and the batch split against the data."""
+    from .batch import batch_plan, check_budget
+
+    processes = int(check_accelerate_config(args.accelerate_config).get("num_processes", 1))
+    check_budget(cfg, batch_plan(cfg, processes))  # the batch split and the data budget, before launching
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config, "--module", module]
+    if args.config:
+        cmd += ["--config", args.config]
+    for item in overrides:
+        cmd += ["--set", item]
+    return subprocess.call(cmd)
+
+
+def main(argv=None, on_step=None, module: str = "quietstar.training.cli") -> int:
+    """The command; ``on_step`` is handed to ``train``, ``module`` is what ``--accelerate-config`` re-launches
+    (a module whose ``main`` passes ``on_step`` on: the tests' tracing driver)."""
     args = parse_args(argv)
     try:
         overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
         cfg = load_config(args.config, overrides)
-        validate(cfg)
+        if args.print_config or args.accelerate_config:  # no train() here to validate: check before printing or launching
+            from .config_checks import validate
+
+            validate(cfg)
         if args.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
         if args.accelerate_config:
-            from .batch import batch_plan, check_budget
-
-            processes = int(check_accelerate_config(args.accelerate_config).get("num_processes", 1))
-            check_budget(cfg, batch_plan(cfg, processes))  # the batch split and the data budget, before launching
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
-                   "--module", "quietstar.training.cli"]
-            if args.config:
-                cmd += ["--config", args.config]
-            for item in overrides:
-                cmd += ["--set", item]
-            return subprocess.call(cmd)
+            return relaunch(args, cfg, overrides, module)
         from .loop import train
 
-        train(cfg)
+        train(cfg, on_step)
     except ConfigError as error:
         print(f"quietstar-train: error: {error}", file=sys.stderr)
         return 2

@@ -34,7 +34,8 @@ import warnings
 import numpy as np
 import torch
 
-from .config import ConfigError, DataConfig, data_files
+from .config import ConfigError, DataConfig
+from .config_checks import data_files
 
 
 def _eos_id(tokenizer) -> int:

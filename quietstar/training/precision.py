@@ -52,15 +52,6 @@ class PrecisionPolicy:
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
-def precision_problems(optim: OptimConfig) -> list[str]:
-    """Contradictions between ``optim.precision`` and ``optim.mixed_precision`` (config validation)."""
-    allowed = POLICY_COMPUTE.get(optim.precision)
-    if allowed is None or optim.mixed_precision in ("auto", *allowed):
-        return []
-    return [f"optim.precision {optim.precision} computes in {' or '.join(allowed)}, but optim.mixed_precision is "
-            f"{optim.mixed_precision!r}; set optim.mixed_precision to {allowed[0]!r} (or 'auto')"]
-
-
 def resolve_precision(model_dtype: str, optim: OptimConfig, cuda_bf16: bool) -> PrecisionPolicy:
     """The policy a run trains with; ``cuda_bf16``: a CUDA device with bf16 (what 'auto' autocast follows)."""
     if optim.mixed_precision == "fp16" and not torch.cuda.is_available():

@@ -110,13 +110,6 @@ def is_fully_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def sharded_here(accelerator, model) -> bool:
-    """Sharded by this module, not by accelerate (whose FSDP2 on GPUs keeps its own save and gather)."""
-    from accelerate.utils import DistributedType
-
-    return is_fully_sharded(model) and accelerator.distributed_type != DistributedType.FSDP
-
-
 def shard_summary(model) -> dict:
     """The FSDP units as the model has them ("" is the root), parameter elements this process holds
     vs the model's, and any parameter left unsharded."""
