@@ -22,7 +22,6 @@ import torch
 
 from .loading import add_model_arguments, load_from_args
 from .evaluation.metric import single_pass
-from .thought_text import thought_in_context
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..inspection import thought_in_context
+from ..thought_text import sample_thoughts_text
 from .config import RunConfig
 from .config_loading import to_dict
 from .sharding import full_tensor
@@ -86,16 +86,9 @@ def print_step(bar, step: int, total: int, metrics: dict, main_process: bool) ->
         bar.write(f"step {step}/{total} " + " ".join(f"{k} {metrics[k]:.4g}" for k in CONSOLE_TERMS if k in metrics))
 
 
-def decode_thoughts(tokenizer, batch_ids, thought_ids, n: int, n_passes: int) -> list[str]:
-    """A few thoughts of one batch in their text, at evenly spaced positions (first pass of each row)."""
-    L, rows = batch_ids.shape[1], batch_ids.repeat_interleave(n_passes, 0)
-    return [thought_in_context(tokenizer, rows, thought_ids, (j % batch_ids.shape[0]) * n_passes, (L * (j + 1)) // (n + 1))
-            for j in range(n)]
-
-
 def dump_thoughts(accelerator, bar, tokenizer, result, step: int, out_dir: Path, n: int, n_passes: int) -> None:
     """A few decoded thoughts of the step's last micro-batch: console, output_dir/thoughts.txt, tensorboard."""
-    lines = decode_thoughts(tokenizer, result.input_ids.cpu(), result.thought_ids.cpu(), n, n_passes)
+    lines = sample_thoughts_text(tokenizer, result.input_ids.cpu(), result.thought_ids.cpu(), n, n_passes)
     text = f"step {step}\n" + "\n".join(lines)
     bar.write(text)
     with open(out_dir / "thoughts.txt", "a", encoding="utf-8") as handle:
