@@ -30,7 +30,7 @@ WORLD = 2
 
 def _build(model_name: str, args):
     from quietstar import QuietStarForCausalLM
-    from quietstar.training.models import byte_tokenizer, tiny_random_llama
+    from quietstar.assets import byte_tokenizer, tiny_random_llama
 
     tokenizer = byte_tokenizer()
     if model_name == "tiny":

@@ -34,7 +34,7 @@ import harness  # noqa: E402
 def build(model_name: str, quietstar: bool, args):
     from quietstar import QuietStarForCausalLM
     from quietstar.assets import load_smollm2
-    from quietstar.training.models import byte_tokenizer, tiny_random_llama
+    from quietstar.assets import byte_tokenizer, tiny_random_llama
 
     if model_name == "tiny":
         tokenizer = byte_tokenizer()

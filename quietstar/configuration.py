@@ -19,6 +19,7 @@ from .layout import n_extra_steps
 REFERENCE, TORCH, TRITON = "quietstar_reference", "quietstar_torch", "quietstar_triton"
 THOUGHT_ATTENTION_NAMES = (REFERENCE, TORCH, TRITON)
 DEFAULT_LOGITS_CHUNK_ELEMENTS = 1 << 24
+REINFORCE_TEMPERATURE = 3.0  # the reference's policy temperature (also the NTP stage's)
 
 START_THOUGHT_TOKEN = "<|startthought|>"
 END_THOUGHT_TOKEN = "<|endthought|>"
@@ -74,7 +75,7 @@ class QuietStarConfig(PreTrainedConfig):
     n_talk_tokens: int = 4
     n_passes: int = 2
     thought_temperature: float = 1.0
-    reinforce_temperature: float = 3.0
+    reinforce_temperature: float = REINFORCE_TEMPERATURE
     base_loss_weight: float = 0.5
     talk_loss_weight: float = 0.5
     policy_loss_weight: float = 1e6

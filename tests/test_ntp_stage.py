@@ -6,7 +6,8 @@ import torch
 from quietstar import QuietStarForCausalLM
 from quietstar.assets import byte_tokenizer, tiny_random_llama
 from quietstar.ntp import distillation_loss, ntp_policy_loss
-from quietstar.training.config import ConfigError, RunConfig, from_dict
+from quietstar.training.config import ConfigError, RunConfig
+from quietstar.training.config_loading import from_dict
 from quietstar.training.objectives import StageSettings, build_stage, make_ntp_objective, stage_run_problems
 
 

@@ -188,8 +188,9 @@ def test_streaming_data_is_deterministic_and_resumable(tmp_path):
 
 def test_thought_settings_are_the_model_configs_fields_and_defaults():
     model_defaults = {f.name: f.default for f in dataclasses.fields(QuietStarConfig)}
-    run_defaults = {f.name: f.default for f in dataclasses.fields(ThoughtConfig)}
+    run_defaults = {f.name: f.default for f in dataclasses.fields(ThoughtConfig) if not f.metadata.get("run_only")}
     assert run_defaults.keys() <= model_defaults.keys()
+    assert [f.name for f in dataclasses.fields(ThoughtConfig) if f.metadata.get("run_only")] == ["schedule"]
     # The official training recipe (docs/ALGORITHM.md, "Names"), in both places.
     paper = dict(n_thought_tokens=9, n_talk_tokens=4, n_passes=2, thought_temperature=1.0, reinforce_temperature=3.0,
                  base_loss_weight=0.5, talk_loss_weight=0.5, policy_loss_weight=1e6, clip_negative_advantages=True,

@@ -61,11 +61,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..configuration import REINFORCE_TEMPERATURE
 from ..layout import base_position_ids
 from ..losses import IGNORE, talk_targets
 from .teacher import check_student, teacher_log_probs
 
-DEFAULT_REINFORCE_TEMPERATURE = 3.0  # the released NTP code's (and Quiet-STaR's) policy temperature
+DEFAULT_REINFORCE_TEMPERATURE = REINFORCE_TEMPERATURE  # the released NTP code's, as Quiet-STaR's
 
 
 def next_token_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,12 @@ class Checkpointer:
         state_dict = self.strategy.full_state_dict(self.model)
         if accelerator.is_main_process:
             accelerator.unwrap_model(self.model).save_pretrained(export_dir, state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.save_pretrained(export_dir)
+            if self.cfg.stage is not None:  # a plain student: the teacher's thought delimiters are not its tokens
+                from ..ntp import save_tokenizer_without_delimiters
+
+                save_tokenizer_without_delimiters(self.tokenizer, export_dir, unwrapped.get_input_embeddings().num_embeddings)
+            else:
+                self.tokenizer.save_pretrained(export_dir)
             (export_dir / "quietstar_train.yaml").write_text(self.config_yaml, encoding="utf-8")
             tqdm.write(f"exported {export_dir} (rank {accelerator.process_index})")
             sys.stdout.flush()

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..configuration import QuietStarConfig
+from .curriculum import ThoughtSchedule
+from .stage_config import StageSettings
 
 
 class ConfigError(ValueError):
@@ -67,11 +69,20 @@ class ThoughtConfig:
     mixing_head_activation: Literal["none", "sigmoid"] = field(default=_MODEL_DEFAULTS["mixing_head_activation"],
                                                                 metadata={"changes_weights": True})
     embedding_scale: float = field(default=_MODEL_DEFAULTS["embedding_scale"], metadata={"changes_weights": True})
+    # A curriculum for N (curriculum.py): stages of n_thought_tokens by optimiser step; null: N fixed.
+    # The run's own setting, never the model's.
+    schedule: ThoughtSchedule | None = field(default=None, metadata={"run_only": True})
+
+
+def model_thought_settings(thought: ThoughtConfig) -> dict:
+    """The run's thought settings that are QuietStarConfig fields (a schedule is the run's, not the model's)."""
+    return {f.name: getattr(thought, f.name) for f in dataclasses.fields(ThoughtConfig) if not f.metadata.get("run_only")}
 
 
 def runtime_thought_fields() -> tuple[str, ...]:
-    """The thought settings that change no weights, so a run can set them on an already-built model."""
-    return tuple(f.name for f in dataclasses.fields(ThoughtConfig) if not f.metadata.get("changes_weights"))
+    """The model's thought settings that change no weights, so a run can set them on an already-built model."""
+    return tuple(f.name for f in dataclasses.fields(ThoughtConfig)
+                 if not f.metadata.get("changes_weights") and not f.metadata.get("run_only"))
 
 
 @dataclass
@@ -153,3 +164,5 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Train a plain student toward a frozen thinking teacher (stage_config.py); null: a Quiet-STaR run.
+    stage: StageSettings | None = None

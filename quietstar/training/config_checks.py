@@ -8,14 +8,14 @@ installed packages (trackers, peft).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 from pathlib import Path
 
 from ..configuration import QuietStarConfig
-from .config import ConfigError, LoraSettings, OptimConfig, RunConfig
+from .config import ConfigError, LoraSettings, OptimConfig, RunConfig, model_thought_settings
 from .precision import POLICY_COMPUTE
+from .stage_config import stage_run_problems
 
 SPECIAL_MODELS = ("smollm2", "tiny-random-llama")
 DATA_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -33,7 +33,7 @@ def validate(cfg: RunConfig) -> None:
 def thought_problems(cfg: RunConfig) -> list[str]:
     problems, t, d = [], cfg.thought, cfg.data
     try:  # the model config's own checks (sizes, temperatures, activation), before any model exists
-        QuietStarConfig(**dataclasses.asdict(t))
+        QuietStarConfig(**model_thought_settings(t))
     except ValueError as err:
         problems.append(f"thought: {err}")
     if d.seq_len < t.n_talk_tokens + 2:
@@ -41,6 +41,12 @@ def thought_problems(cfg: RunConfig) -> list[str]:
             f"data.seq_len = {d.seq_len} is shorter than n_talk_tokens + 2 = {t.n_talk_tokens + 2}: no position "
             f"would have all {t.n_talk_tokens} talk targets; raise data.seq_len or lower thought.n_talk_tokens"
         )
+    if t.schedule is not None:
+        problems += t.schedule.problems("thought.schedule")
+        if not cfg.thinking:
+            problems.append("thought.schedule shortens thoughts, but thinking is false (the plain-LM control): remove it")
+    if cfg.stage is not None:
+        problems += cfg.stage.problems("stage") + stage_run_problems(cfg)
     if d.max_documents is not None and d.max_documents < 1:
         problems.append(f"data.max_documents must be >= 1 (or null for all), got {d.max_documents}")
     return problems

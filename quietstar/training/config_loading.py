@@ -74,6 +74,8 @@ def _check_value(where: str, value: Any, annotation) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r} ({type(value).__name__}); quote it in YAML")
         return value
+    if dataclasses.is_dataclass(annotation):  # a list of sections, e.g. thought.schedule.stages
+        return value if isinstance(value, annotation) else from_dict(annotation, value, where)
     raise TypeError(f"unsupported config annotation {annotation!r} at {where}")
 
 
@@ -136,8 +138,9 @@ def apply_overrides(data: dict, overrides: list[str], root: type = RunConfig) ->
             section = _section(annotation)
             if depth == len(parts) - 1:
                 value = yaml.safe_load(raw) if raw.strip() else ""
-                # An optional section may be switched on or off whole: --set model.lora={} / model.lora=null.
-                if section is not None and not (_optional(annotation) and value in (None, {})):
+                # An optional section may be set or switched off whole: --set model.lora={} / model.lora=null /
+                # stage={kind: distill, teacher: DIR}.
+                if section is not None and not (_optional(annotation) and (value is None or isinstance(value, dict))):
                     raise ConfigError(f"--set {dotted} needs a field of it, e.g. {dotted}.{dataclasses.fields(section)[0].name}=...")
                 node[part] = value
             else:

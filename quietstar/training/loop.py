@@ -27,8 +27,8 @@ from .config import RunConfig
 from .config_checks import validate
 from .config_loading import to_dict
 from .data import build_dataset
-from .models import build_run_model
-from .objective_builtin import builtin_objective
+from .models import build_run_model, build_stage_run
+from .objective_builtin import builtin_objective, scheduled
 from .optimizer import make_optimizer, make_scheduler, scheduled_lr
 from .precision import PrecisionPolicy
 from .reporting import Reporter
@@ -97,7 +97,10 @@ def train(cfg: RunConfig, on_step=None, *, before_step=None, objective=None) -> 
     """
     run = setup(cfg, objective)
     run.step = run.checkpointer.resume()
+    before_step = scheduled(run.cfg, before_step)
     history = run_steps(run, on_step, before_step)
+    if run.cfg.thought.schedule is not None:  # the export carries the last stage's N, even after a no-op resume
+        run.cfg.thought.schedule.before_step(run.cfg.optim.steps - 1, run.unwrapped)
     export_dir = run.checkpointer.export() if run.cfg.checkpoint.export else None
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
@@ -129,7 +132,10 @@ def setup(cfg: RunConfig, objective=None) -> Run:
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    model, tokenizer = build_run_model(cfg, policy)
+    if cfg.stage is not None:  # a plain student; the frozen teacher lives in the objective
+        model, tokenizer, objective = build_stage_run(cfg, policy, accelerator.device)
+    else:
+        model, tokenizer = build_run_model(cfg, policy)
     data = build_dataset(cfg.data, tokenizer, batch_size=cfg.optim.batch_size, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, seed=cfg.seed)
     check_budget(cfg, plan, windows=len(data) if hasattr(data, "__len__") else None)

@@ -7,14 +7,12 @@ LoRA adapters from a ``model.lora`` section (quietstar/lora.py), gradient checkp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from ..assets import byte_tokenizer, tiny_random_llama  # noqa: F401  (the benchmarks import them from here)
-from .config import ConfigError, LoraSettings, ModelConfig, RunConfig, ThoughtConfig, runtime_thought_fields
+from .config import ConfigError, LoraSettings, ModelConfig, RunConfig, ThoughtConfig, model_thought_settings, runtime_thought_fields
 from .precision import PrecisionPolicy, cast_parameters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,9 +26,29 @@ def build_run_model(cfg: RunConfig, policy: PrecisionPolicy):
     cast_parameters(model, policy)
     try:  # before any data is read: the model's own check (positions, sliding window)
         model.check_sequence_length(cfg.data.seq_len)
+        if cfg.thought.schedule is not None:  # the longest stage's thoughts must fit too
+            cfg.thought.schedule.check_fits(model, cfg.data.seq_len)
     except ValueError as err:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len}: {err}") from None
     return (model if cfg.thinking else model.base_lm), tokenizer
+
+
+def build_stage_run(cfg: RunConfig, policy: PrecisionPolicy, device):
+    """(student, tokenizer, objective) of a ``stage`` run: the frozen teacher lives inside the objective,
+    on ``device``, outside the optimiser, the strategy's wrapping and the checkpoints."""
+    from .objectives import build_stage
+
+    torch.manual_seed(cfg.seed)
+    try:
+        student, teacher, tokenizer, objective = build_stage(
+            cfg.stage, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation, seed=cfg.seed)
+        teacher.to(device).check_sequence_length(cfg.data.seq_len)
+    except ValueError as err:
+        raise ConfigError(f"stage: {err}") from None
+    cast_parameters(student, policy)
+    if cfg.model.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student, tokenizer, objective
 
 
 def build_model(cfg: ModelConfig, thought: ThoughtConfig, seed: int = 0):
@@ -56,7 +74,7 @@ def build_model(cfg: ModelConfig, thought: ThoughtConfig, seed: int = 0):
 def thought_settings(path: str, thought: ThoughtConfig) -> dict:
     """All the run's thought settings for a model built from a base; only the runtime ones for a saved
     Quiet-STaR folder, which keeps the settings its weights were trained with."""
-    settings = dataclasses.asdict(thought)
+    settings = model_thought_settings(thought)
     if _saved_quietstar(path):
         return {name: settings[name] for name in runtime_thought_fields()}
     return settings

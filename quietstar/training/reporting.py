@@ -15,7 +15,7 @@ from .config_loading import to_dict
 from .sharding import full_tensor
 
 CONSOLE_TERMS = ("loss", "nll_base", "nll_talk", "policy_loss", "reward_mean", "advantage_mean", "mixing_weight_mean",
-                 "grad_norm", "lr", "tokens_per_s", "peak_memory_mb")
+                 "n_thought_tokens", "kl", "nll", "teacher_nll", "grad_norm", "lr", "tokens_per_s", "peak_memory_mb")
 
 
 class Reporter:
@@ -80,7 +80,7 @@ def reduce_metrics(accelerator, result, lr: float, elapsed: float) -> dict:
 
 def print_step(bar, step: int, total: int, metrics: dict, main_process: bool) -> None:
     """Progress-bar summary and one console line per logged step (every term goes to the trackers)."""
-    bar.set_postfix(loss=f"{metrics['loss']:.3f}", base=f"{metrics['nll_base']:.3f}",
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", base=f"{metrics.get('nll_base', float('nan')):.3f}",
                     talk=f"{metrics.get('nll_talk', float('nan')):.3f}", tok_s=f"{metrics['tokens_per_s']:.3g}")
     if main_process:
         bar.write(f"step {step}/{total} " + " ".join(f"{k} {metrics[k]:.4g}" for k in CONSOLE_TERMS if k in metrics))
