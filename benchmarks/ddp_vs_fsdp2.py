@@ -102,16 +102,7 @@ def run_pair(mode: str, model_name: str, args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny", help="comma-separated: tiny, wide")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1, help="sequences per process")
-    parser.add_argument("--n-thought", type=int, default=4, help="N")
-    parser.add_argument("--n-talk", type=int, default=4, help="K")
-    parser.add_argument("--passes", type=int, default=2, help="P")
-    parser.add_argument("--attn", default="quietstar_torch")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    harness.add_step_arguments(parser, models="tiny")  # shapes: tiny, wide
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     S = args.n_thought + args.n_talk + 1

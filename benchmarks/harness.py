@@ -248,3 +248,17 @@ def in_fresh_processes(target, jobs: list[tuple], label) -> list[dict]:
 
 def in_fresh_process(target, job: tuple, label: str) -> dict:
     return in_fresh_processes(target, [job], lambda _: label)[0]
+
+
+def add_step_arguments(parser, models: str, threads_help: str = "torch threads per process") -> None:
+    """The arguments of a script that times Quiet-STaR training steps of named model shapes."""
+    parser.add_argument("--models", default=models, help="comma-separated model shapes")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per process")
+    parser.add_argument("--n-thought", type=int, default=4, help="N")
+    parser.add_argument("--n-talk", type=int, default=4, help="K")
+    parser.add_argument("--passes", type=int, default=2, help="P")
+    parser.add_argument("--attn", default="quietstar_torch")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help=threads_help)

@@ -137,16 +137,7 @@ def run_one(model_name: str, quietstar: bool, args, queue) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny,smollm2")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--n-thought", type=int, default=4, help="N")
-    parser.add_argument("--n-talk", type=int, default=4, help="K")
-    parser.add_argument("--passes", type=int, default=2, help="P")
-    parser.add_argument("--attn", default="quietstar_torch")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
+    harness.add_step_arguments(parser, models="tiny,smollm2", threads_help="torch threads (1: stable on a shared machine)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--lora-vs-full", action="store_true",
                         help="instead: Quiet-STaR steps with full fine-tuning vs LoRA (needs peft)")
