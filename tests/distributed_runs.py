@@ -26,6 +26,7 @@ LAUNCH = {
     # quietstar-train checks the accelerate config, then re-launches under `accelerate launch`.
     "fsdp2": [sys.executable, "-m", TRACED, "--accelerate-config", str(FSDP_CPU)],
     "fsdp1": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU), "--num_processes", "1",
+              "--main_process_port", "0",
               "--module", TRACED],
     "ddp2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", TRACED],
     "ddp1": [sys.executable, "-m", TRACED],

@@ -76,9 +76,12 @@ def relaunch(args, cfg, overrides: list[str], module: str) -> int:
     after checking the file against this machine and the batch split against the data."""
     from .batch import batch_plan, check_budget
 
-    processes = int(check_accelerate_config(args.accelerate_config).get("num_processes", 1))
-    check_budget(cfg, batch_plan(cfg, processes))  # the batch split and the data budget, before launching
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config, "--module", module]
+    settings = check_accelerate_config(args.accelerate_config)
+    check_budget(cfg, batch_plan(cfg, int(settings.get("num_processes", 1))))  # the batch split and the data budget
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
+    if int(settings.get("num_machines", 1)) == 1 and settings.get("main_process_port") is None:
+        cmd += ["--main_process_port", "0"]  # one machine: a free port, not accelerate's fixed 29500 (two runs collide)
+    cmd += ["--module", module]
     if args.config:
         cmd += ["--config", args.config]
     for item in overrides:
