@@ -50,6 +50,13 @@ def test_a_spec_that_is_neither_a_folder_nor_a_hub_id_is_named(spec):
         load_model(spec)
 
 
+@pytest.mark.parametrize("spec", ["gpt2", "org/name"])
+def test_hub_ids_with_and_without_an_org_pass_the_spec_check(spec):
+    from quietstar.loading import _local_path
+
+    assert _local_path(spec) is None  # a hub id: handed to from_pretrained, not refused
+
+
 def test_bad_settings_and_folders_are_refused(tmp_path):
     with pytest.raises(ModelSpecError, match=r"unknown thought setting\(s\) \['n_thoughts'\]"):
         load_model("tiny-random-llama", thought={"n_thoughts": 3})

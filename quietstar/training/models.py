@@ -7,11 +7,9 @@ LoRA adapters from a ``model.lora`` section (quietstar/lora.py), gradient checkp
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
+from ..loading import ModelSpecError, is_saved_quietstar, load_model
 from .config import ConfigError, LoraSettings, ModelConfig, RunConfig, ThoughtConfig, model_thought_settings, runtime_thought_fields
 from .precision import PrecisionPolicy, cast_parameters
 
@@ -52,8 +50,6 @@ def build_stage_run(cfg: RunConfig, policy: PrecisionPolicy, device):
 
 
 def build_model(cfg: ModelConfig, thought: ThoughtConfig, seed: int = 0):
-    from ..loading import ModelSpecError, load_model
-
     try:
         model, tokenizer = load_model(cfg.path, thought=thought_settings(cfg.path, thought), dtype=DTYPES[cfg.dtype],
                                       attn_implementation=cfg.attn_implementation, seed=seed)
@@ -75,14 +71,9 @@ def thought_settings(path: str, thought: ThoughtConfig) -> dict:
     """All the run's thought settings for a model built from a base; only the runtime ones for a saved
     Quiet-STaR folder, which keeps the settings its weights were trained with."""
     settings = model_thought_settings(thought)
-    if _saved_quietstar(path):
+    if is_saved_quietstar(path):
         return {name: settings[name] for name in runtime_thought_fields()}
     return settings
-
-
-def _saved_quietstar(path: str) -> bool:
-    config = Path(path).expanduser() / "config.json"
-    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "quietstar"
 
 
 def peft_lora_config(settings: LoraSettings):
