@@ -78,13 +78,20 @@ def _local_path(spec: str) -> Path | None:
         raise ModelSpecError(f"model {spec!r} is a file, not a folder; accepted: {ACCEPTED}")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    try:
+    try:  # a hub id is "name" or "org/name"; a missing relative path ("./x", "~/x") is not one
         validate_repo_id(spec)
+        valid = not spec.startswith((".", "~")) and spec.count("/") <= 1
     except HFValidationError:
-        raise ModelSpecError(f"model {spec!r} is neither a folder nor a hub id; accepted: {ACCEPTED}") from None
-    if spec.startswith((".", "~")) or spec.count("/") != 1:
+        valid = False
+    if not valid:
         raise ModelSpecError(f"model {spec!r} is neither a folder nor a hub id; accepted: {ACCEPTED}")
     return None
+
+
+def is_saved_quietstar(spec: str) -> bool:
+    """Whether ``spec`` names a saved Quiet-STaR folder (which keeps its weight-shaping settings)."""
+    path = Path(spec).expanduser()
+    return (path / "config.json").is_file() and _model_type(path) == "quietstar"
 
 
 def _model_type(path: Path) -> str | None:
