@@ -58,8 +58,10 @@ def test_the_experiment_trains_and_scores_on_a_dataset_corpus(tmp_path):
     source = _write_dataset(tmp_path / "docs.jsonl", _documents(40))
     cfg = load_experiment_config(TINY, [f"output_dir={tmp_path / 'exp'}", f"corpus.source={source}", "corpus.text_field=body",
                                         "corpus.n_train=30", "corpus.n_heldout=10", "metric_limit=0", "run.optim.steps=2",
-                                        "heldout.every=0"])
+                                        "heldout.every=0", "arms.curriculum.enabled=false", "students.kinds=[]",
+                                        "heldout.other_style=null"])
     results = run_experiment(cfg)
-    assert {(a["arm"], a["seed"]) for a in results["arms"]} == {("thinking", 0), ("control", 0)}
-    assert results["base"]["report"]["n_tokens"] > 0 and results["summary"]["Quiet-STaR, thinking"]["metric"]["n"] == 0
-    assert all(len(a["history"]) == 2 for a in results["arms"])
+    assert {(a["arm"], a["seed"]) for a in results["runs"]} == {("thinking", 0), ("control", 0)}
+    assert len(results["base"]["rows"]["untouched base"]["per_token"]["generated"]) > 0
+    assert results["summary"]["Quiet-STaR, thinking"]["metric"]["n"] == 0
+    assert all(len(a["history"]) == 2 for a in results["runs"])

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TRAINING_TERMS = ("loss", "nll_base", "nll_talk", "policy_loss", "reward_mean", "mixing_weight_mean", "grad_norm")
-COLOURS = {"thinking": "tab:blue", "control": "tab:orange"}
+# Thinking runs log nll_base / nll_talk / mixing weights, students kl / nll (theirs) / teacher_nll.
+TRAINING_TERMS = ("loss", "nll_base", "nll_talk", "policy_loss", "reward_mean", "mixing_weight_mean", "grad_norm",
+                  "n_thought_tokens", "kl", "nll")
+COLOURS = {"thinking": "tab:blue", "control": "tab:orange", "curriculum": "tab:green",
+           "ntp_policy_from_thinking": "tab:red", "distill_from_thinking": "tab:purple",
+           "ntp_policy_from_curriculum": "tab:brown", "distill_from_curriculum": "tab:pink"}
 
 
 def _pyplot():
@@ -23,16 +27,16 @@ def plot_curves(results: dict, path: str | Path) -> None:
     """Every training term against steps for both arms (one line per seed), and the held-out NLL."""
     plt = _pyplot()
     panels = [*TRAINING_TERMS, "held-out NLL", "held-out NLL, hardest 10%"]
-    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
+    fig, axes = plt.subplots(3, 4, figsize=(20, 11))
     for ax, name in zip(axes.flat, panels):
-        for arm in results["arms"]:
-            colour, label = COLOURS[arm["arm"]], f"{arm['arm']} seed {arm['seed']}"
+        for arm in results["runs"]:
+            colour, label = COLOURS.get(arm["arm"], "tab:gray"), f"{arm['arm']} seed {arm['seed']}"
             if name.startswith("held-out"):
                 hard = "hardest" in name
                 steps = [c["step"] for c in arm["curve"]]
                 ax.plot(steps, [c["hard_nll_base" if hard else "nll_base"] for c in arm["curve"]], "--", color=colour,
                         label=f"{label}, base prediction")
-                if arm["arm"] == "thinking":
+                if arm["arm"] in ("thinking", "curriculum"):
                     ax.plot(steps, [c["hard_nll_thinking" if hard else "nll_thinking"] for c in arm["curve"]], "-",
                             color=colour, label=f"{label}, thinking")
             else:
@@ -44,26 +48,54 @@ def plot_curves(results: dict, path: str | Path) -> None:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     axes.flat[len(panels) - 2].legend(fontsize=7)
-    fig.suptitle(f"{results['config']['name']}: Quiet-STaR (blue) vs plain-LM control (orange)")
+    fig.suptitle(f"{results['config']['name']}: every run's training terms and held-out NLL (one line per seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def plot_deciles(results: dict, path: str | Path) -> None:
-    """Final held-out NLL by decile of the untouched base's per-token NLL, one line per model (seed mean)."""
+    """Final held-out NLL by decile of the untouched base's per-token NLL, one line per row (seed mean),
+    one panel per held-out text."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, row in results["summary"].items():
-        means = [d["mean"] for d in row["deciles"]]
-        spread = [d["std"] or 0.0 for d in row["deciles"]]
-        x = list(range(1, len(means) + 1))
-        ax.errorbar(x, means, yerr=spread, marker="o", capsize=3, label=name)
-    ax.set_xlabel("decile of the untouched base model's per-token NLL (10 = hardest)")
-    ax.set_ylabel("held-out NLL (nats)")
-    ax.set_title("Held-out NLL by difficulty")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    summary = results["summary"]
+    texts = list(next(iter(summary.values()))["texts"])
+    fig, axes = plt.subplots(1, len(texts), figsize=(8 * len(texts), 5), squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        for name, row in summary.items():
+            deciles = row["texts"][text]["deciles"]
+            x = list(range(1, len(deciles) + 1))
+            ax.errorbar(x, [d["mean"] for d in deciles], yerr=[d["std"] or 0.0 for d in deciles], marker="o", capsize=3,
+                        label=name)
+        ax.set_xlabel("decile of the untouched base model's per-token NLL (10 = hardest)")
+        ax.set_ylabel("held-out NLL (nats)")
+        ax.set_title(f"Held-out NLL by difficulty: {text}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_decile_deltas(results: dict, path: str | Path) -> None:
+    """Each row's NLL minus the untouched base's, by decile (seed mean ± std), one panel per held-out
+    text: at this scale the absolute curves overlap and hide the differences."""
+    plt = _pyplot()
+    summary = results["summary"]
+    texts = list(next(iter(summary.values()))["texts"])
+    fig, axes = plt.subplots(1, len(texts), figsize=(8 * len(texts), 5.5), squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        for i, (name, row) in enumerate(r for r in summary.items() if r[0] != "untouched base"):
+            deltas = row["texts"][text]["delta_deciles"]
+            x = [d + 1 + (i - 3) * 0.04 for d in range(len(deltas))]  # small offsets keep error bars apart
+            ax.errorbar(x, [d["mean"] for d in deltas], yerr=[d["std"] or 0.0 for d in deltas], marker="o", capsize=2,
+                        label=name)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("decile of the untouched base model's per-token NLL (10 = hardest)")
+        ax.set_ylabel("NLL - untouched base NLL (nats; below 0 = better)")
+        ax.set_title(f"Difference from the untouched base: {text}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -1,153 +1,159 @@
-"""``quietstar-experiment``: does thinking make the model predict better? Quiet-STaR vs a control.
+"""``quietstar-experiment``: does thinking make the model predict better, and what survives without thoughts?
 
     quietstar-experiment --config train/experiments/smollm2.yaml
+    quietstar-experiment --config train/experiments/smollm2_ntp.yaml          # every variant, 3 seeds
     quietstar-experiment --config train/experiments/tiny.yaml --set run.optim.steps=4
+    quietstar-experiment --merge runs/a runs/b --output-dir runs/ab          # seeds run apart, one table
+    quietstar-experiment --report runs/ab                                    # tables and plots again
 
-For every training seed, the same base model is trained twice on the same generated math text,
-with the same optimiser, learning rates, schedule and data order: (a) with Quiet-STaR, (b) as a plain
-causal LM (the control, ``thinking: false``). Every ``heldout.every`` steps both are scored on
-held-out problems (:func:`quietstar.evaluation.heldout.heldout_evaluation`); at the end the untouched
-base, the control and the Quiet-STaR model (its base prediction and its thinking prediction) are
-scored on more held-out text, by decile of the untouched base's per-token NLL, and by the paper's
-GSM8K metric on the held-out problems. Writes ``results.json``, ``results.md``, ``curves.png`` and
-``deciles.png`` under ``output_dir``.
+For every training seed, on the same generated math text, with the same data order: the enabled
+arms (``arms``: Quiet-STaR; the plain-LM control; Quiet-STaR with a thought-length curriculum), each
+the shared ``run`` section changed by its overrides; then, from each thinking arm named in
+``students.teachers``, a thought-free student per ``students.kinds`` (Fast Quiet-STaR's NTP stage,
+``ntp_policy``, and the distillation baseline, ``distill``), trained on the same data from the arm's
+export. Every model is scored during training (held-out curves) and at the end: held-out NLL per
+token on the corpus's held-out problems and on math text in another style
+(``heldout.other_style``), the paper's GSM8K metric, and the inference cost per emitted token;
+the untouched base is scored once. ``results.json`` is written after every run (a long experiment
+keeps what it finished); ``results.md``, ``curves.png``, ``deciles.png`` and ``decile_deltas.png``
+at the end (``summary.py``, ``plots.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import statistics
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
 from ..evaluation.data import load_examples
-from ..evaluation.heldout import by_decile, heldout_evaluation
-from ..evaluation.metric import paper_metric
 from ..training.config import ConfigError, RunConfig
-from ..training.config_loading import apply_overrides, from_dict, to_dict
-from .corpus import GENERATED, CorpusConfig, check_corpus, prepare_corpus
+from ..training.config_loading import to_dict
+from .config import ExperimentConfig, arm_run, check_experiment, enabled_arms, load_experiment_config
+from .corpus import prepare_corpus
+from .other_style import other_style_text
+from .scoring import BASE, THINKING, curve_point, score_model
+from .summary import UNTOUCHED, results_markdown, summarise
 
 __all__ = ["ExperimentConfig", "load_experiment_config", "run_experiment", "main"]
 
-
-@dataclass
-class HeldoutConfig:
-    seq_len: int = 64  # tokens per scored window
-    batch_size: int = 4
-    seeds: list[int] = field(default_factory=lambda: [0, 1])  # thought-sampling seeds, averaged
-    every: int = 10  # optimiser steps between evaluations during training (0: only at the end)
-    max_windows: int = 8  # windows scored during training (a fixed subset: the curves)
-    final_max_windows: int = 32  # windows scored at the end (the tables)
+ARM_LABELS = {"thinking": "Quiet-STaR", "curriculum": "Quiet-STaR+curriculum", "control": "control (plain LM)"}
+STUDENT_LABELS = {"ntp_policy": "NTP (Fast Quiet-STaR)", "distill": "distilled"}
 
 
-@dataclass
-class ExperimentConfig:
-    name: str = "experiment"
-    output_dir: str = "runs/experiment"
-    training_seeds: list[int] = field(default_factory=lambda: [0])  # each: one Quiet-STaR run and its control
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
-    metric_limit: int = 50  # held-out problems scored by the paper's GSM8K metric (0: skip)
-    # "corpus": the generated corpus's held-out problems; otherwise a load_examples source for GSM8K
-    # ("hub": the GSM8K test set, "sample": the bundled sample, or a .jsonl path).
-    metric_source: str = "corpus"
-    run: RunConfig = field(default_factory=RunConfig)  # the Quiet-STaR run; the control copies it
+def row_labels(arm: str, rows: dict) -> dict:
+    """``score_model``'s rows under their table labels."""
+    if arm == "control":
+        return {ARM_LABELS[arm]: rows[BASE]}
+    return {f"{ARM_LABELS[arm]}, {name}": row for name, row in rows.items()}
 
 
-def load_experiment_config(path: str | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
-    data = apply_overrides(data or {}, overrides or [], root=ExperimentConfig)
-    cfg = from_dict(ExperimentConfig, data)
-    if cfg.metric_source == "corpus" and cfg.corpus.source != GENERATED and cfg.metric_limit:
-        raise ConfigError(f"metric_source 'corpus' needs the generated corpus (its problems have answers), but corpus.source "
-                          f"is {cfg.corpus.source!r}; set metric_source to hub (GSM8K's test set), a .jsonl file, or metric_limit=0")
-    check_corpus(cfg.corpus)
-    if not cfg.training_seeds:
-        raise ConfigError("training_seeds is empty: give at least one seed")
-    if cfg.heldout.every < 0 or cfg.heldout.max_windows < 1 or cfg.heldout.final_max_windows < 1:
-        raise ConfigError("heldout.every must be >= 0 and heldout.max_windows / final_max_windows >= 1")
-    return cfg
+def student_label(kind: str, teacher: str) -> str:
+    return f"{STUDENT_LABELS[kind]} from {ARM_LABELS[teacher]}"
 
 
-def _arm_config(cfg: ExperimentConfig, arm: str, seed: int, train_file: Path) -> RunConfig:
-    run = copy.deepcopy(cfg.run)
-    run.seed, run.thinking = seed, arm == "thinking"
-    run.name, run.output_dir = f"{cfg.name}-{arm}-seed{seed}", str(Path(cfg.output_dir) / f"{arm}_seed{seed}")
+def _finish_run(run: RunConfig, name: str, seed: int, cfg: ExperimentConfig, train_file: Path, export: bool) -> RunConfig:
+    """The fields every run of the experiment gets, whatever its overrides say."""
+    run.seed = seed
+    run.name, run.output_dir = f"{cfg.name}-{name}-seed{seed}", str(Path(cfg.output_dir) / f"{name}_seed{seed}")
     run.data.path, run.resume = str(train_file), "no"
     run.data.text_field, run.data.streaming, run.data.max_documents = "text", False, None  # the corpus file as written
-    run.checkpoint.every, run.checkpoint.export = 0, False  # the experiment scores the in-memory model
+    run.checkpoint.every, run.checkpoint.export = 0, export  # scored in memory; teachers exported for their students
     run.logging.trackers = []
     return run
 
 
-def _score(model, tokenizer, text: str, cfg: HeldoutConfig, windows: int, thinking: bool):
-    return heldout_evaluation(model, tokenizer, text, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seeds=cfg.seeds,
-                              max_windows=windows, keep_per_token=True, thinking=thinking)
+def arm_config(cfg: ExperimentConfig, arm: str, seed: int, train_file: Path, export: bool = False) -> RunConfig:
+    run = arm_run(cfg, getattr(cfg.arms, arm).overrides, where=f"arms.{arm}.overrides")
+    run.thinking = arm != "control"
+    return _finish_run(run, arm, seed, cfg, train_file, export)
 
 
-def _metric(model, tokenizer, examples, use_thoughts: bool) -> float | None:
-    if not examples:
-        return None
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(0)  # thoughts sampled by the metric: reproducible
-    try:
-        return paper_metric(model, tokenizer, examples, "gsm8k", use_thoughts=use_thoughts)["score"]
-    finally:
-        model.train(was_training)
+def student_config(cfg: ExperimentConfig, kind: str, teacher: str, teacher_dir: str, seed: int, train_file: Path) -> RunConfig:
+    run = arm_run(cfg, cfg.students.overrides, stage={"kind": kind, "teacher": teacher_dir}, where="students.overrides")
+    return _finish_run(run, f"{kind}_from_{teacher}", seed, cfg, train_file, export=False)
 
 
-def _curve_point(step: int, r) -> dict:
-    return {"step": step, "nll_base": r.nll_base, "nll_thinking": r.nll_thinking, "hard_nll_base": r.hard["nll_base"],
-            "hard_nll_thinking": r.hard["nll_thinking"], "reward_mean": r.reward_mean, "mixing_weight_mean": r.mixing_weight["mean"]}
-
-
-def run_arm(cfg: ExperimentConfig, arm: str, seed: int, train_file: Path, heldout_text: str, tokenizer, examples,
-            start: dict | None = None) -> dict:
-    """Train one arm (``thinking`` or ``control``) for one seed; score it during and after training.
-
-    ``start``: the untouched model's point on the curve (step 0; a zero-initialised mixing head thinks
-    to no effect, so it is the base prediction for both arms)."""
+def train_and_score(run: RunConfig, cfg: ExperimentConfig, texts: dict, tokenizer, examples, thinking: bool) -> dict:
+    """Train ``run``, scoring the held-out curve (step 0 = the model as the run starts) and, after the
+    last step, the model's rows; returns history, curve, rows, timings and the export folder."""
     from ..training.loop import train
     from ..training.sharding import is_fully_sharded
 
-    run = _arm_config(cfg, arm, seed, train_file)
-    thinking, total, curve, final = arm == "thinking", run.optim.steps, [start] if start else [], {}
+    total, curve, rows, scoring_s = run.optim.steps, [], {}, [0.0]
+
+    def point(step, model):
+        t0 = time.perf_counter()
+        curve.append(curve_point(step, model, tokenizer, texts["generated"], cfg.heldout, thinking))
+        scoring_s[0] += time.perf_counter() - t0
+
+    def before_step(step, model):
+        if step == 1:
+            point(0, model)
 
     def on_step(report):
         if not report.is_main_process:  # held-out scoring runs on one process, with the whole model
             return
         if is_fully_sharded(report.model):  # its forward would wait for the other processes' shards
             raise ConfigError("periodic held-out evaluation needs the whole model on one process; run experiments without FSDP")
-        step, model = report.step, report.model
+        step = report.step
         if (cfg.heldout.every and step % cfg.heldout.every == 0) or step == total:
-            curve.append(_curve_point(step, _score(model, tokenizer, heldout_text, cfg.heldout, cfg.heldout.max_windows, thinking)))
-        if step == total:  # the tables: more windows, the paper's metric
-            r = _score(model, tokenizer, heldout_text, cfg.heldout, cfg.heldout.final_max_windows, thinking)
-            final.update(report=r.to_dict(per_token=True), metric_base=_metric(model, tokenizer, examples, False),
-                         metric_thinking=_metric(model, tokenizer, examples, True) if thinking else None)
+            point(step, report.model)
+        if step == total:
+            t0 = time.perf_counter()
+            rows.update(score_model(report.model, tokenizer, texts, cfg, examples, thinking=thinking))
+            scoring_s[0] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    summary = train(run, on_step=on_step)
-    return {"arm": arm, "seed": seed, "history": summary["history"], "curve": curve, "final": final,
-            "wall_s": time.perf_counter() - t0}
+    summary = train(run, on_step=on_step, before_step=before_step)
+    return {"history": summary["history"], "curve": curve, "rows": rows, "export_dir": summary["export_dir"],
+            "wall_s": time.perf_counter() - t0, "scoring_s": scoring_s[0]}
+
+
+def _write(results: dict, out: Path) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    tmp.replace(out / "results.json")  # atomic: a crash mid-write keeps the previous file
+
+
+def run_seed(cfg: ExperimentConfig, seed: int, train_file: Path, texts: dict, tokenizer, examples, record) -> None:
+    """Every arm, then every student, of one training seed; ``record(run_result)`` after each."""
+    teachers = set(cfg.students.teachers) if cfg.students.kinds else set()
+    exports = {}
+    for arm in enabled_arms(cfg):
+        print(f"== {arm}, seed {seed}", flush=True)
+        run = arm_config(cfg, arm, seed, train_file, export=arm in teachers)
+        result = train_and_score(run, cfg, texts, tokenizer, examples, thinking=arm != "control")
+        exports[arm] = result.pop("export_dir")
+        record({"arm": arm, "seed": seed, **result, "rows": row_labels(arm, result["rows"])})
+    for teacher in cfg.students.teachers if cfg.students.kinds else []:
+        for kind in cfg.students.kinds:
+            print(f"== {kind} student of {teacher}, seed {seed}", flush=True)
+            run = student_config(cfg, kind, teacher, exports[teacher], seed, train_file)
+            result = train_and_score(run, cfg, texts, tokenizer, examples, thinking=False)
+            result.pop("export_dir")
+            record({"arm": f"{kind}_from_{teacher}", "seed": seed, **result,
+                    "rows": {student_label(kind, teacher): result["rows"][BASE]}})
+        if not cfg.students.keep_teachers:
+            shutil.rmtree(exports[teacher], ignore_errors=True)
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
     from ..training.models import build_model
 
+    check_experiment(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     paths = prepare_corpus(cfg.corpus, out / "data")
-    heldout_text = paths["heldout"].read_text(encoding="utf-8")
+    texts = {"generated": paths["heldout"].read_text(encoding="utf-8")}
+    if cfg.heldout.other_style:
+        texts["other_style"] = other_style_text(cfg.heldout.other_style)
     examples = []
     if cfg.metric_limit:
         source = str(paths["heldout_gsm8k"]) if cfg.metric_source == "corpus" else cfg.metric_source
@@ -157,103 +163,82 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if cfg.run.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.run.cpu_threads)
     base_model, tokenizer = build_model(cfg.run.model, cfg.run.thought, seed=cfg.run.seed)
-    base = _score(base_model.base_lm, tokenizer, heldout_text, cfg.heldout, cfg.heldout.final_max_windows, thinking=False)
-    start = _curve_point(0, _score(base_model.base_lm, tokenizer, heldout_text, cfg.heldout, cfg.heldout.max_windows, thinking=False))
-    results = {"config": to_dict(cfg), "base": {"report": base.to_dict(per_token=True),
-                                                 "metric_base": _metric(base_model.base_lm, tokenizer, examples, False)},
-               "arms": []}
+    rows = score_model(base_model.base_lm, tokenizer, texts, cfg, examples, thinking=False)
+    results = {"config": to_dict(cfg), "base": {"rows": {UNTOUCHED: rows[BASE]}}, "runs": []}
     del base_model
+
+    def record(run_result: dict) -> None:
+        results["runs"].append(run_result)
+        results["wall_s"] = time.perf_counter() - t0
+        _write(results, out)
+
     for seed in cfg.training_seeds:
-        for arm in ("thinking", "control"):
-            print(f"== {arm}, seed {seed}", flush=True)
-            results["arms"].append(run_arm(cfg, arm, seed, paths["train"], heldout_text, tokenizer, examples, start))
-    results["summary"] = summarise(results)
+        run_seed(cfg, seed, paths["train"], texts, tokenizer, examples, record)
     results["wall_s"] = time.perf_counter() - t0
+    return write_report(results, out)
 
-    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+
+def write_report(results: dict, out: Path) -> dict:
+    """Summary, ``results.json``, ``results.md`` and the plots of ``results`` into ``out``."""
+    from .plots import plot_curves, plot_decile_deltas, plot_deciles
+
+    out.mkdir(parents=True, exist_ok=True)
+    results["summary"] = summarise(results)
+    _write(results, out)
     (out / "results.md").write_text(results_markdown(results), encoding="utf-8")
-    from .plots import plot_curves, plot_deciles
-
     plot_curves(results, out / "curves.png")
     plot_deciles(results, out / "deciles.png")
+    plot_decile_deltas(results, out / "decile_deltas.png")
     return results
 
 
-def _mean_std(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+def merge_results(dirs: list[str]) -> dict:
+    """One ``results`` from experiments that ran different seeds of the same config (e.g. in parallel)."""
+    parts = [json.loads((Path(d) / "results.json").read_text(encoding="utf-8")) for d in dirs]
+    first = parts[0]
 
+    def comparable(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in ("training_seeds", "output_dir", "name")}
 
-def summarise(results: dict) -> dict:
-    """Per row (base, control, Quiet-STaR base and thinking predictions): held-out NLL overall, on the
-    hardest 10% of tokens by the untouched base's NLL, by decile, and the metric; mean and spread over seeds."""
-    reference = torch.tensor(results["base"]["report"]["per_token"]["base"], dtype=torch.float64)
-    rows = {"untouched base": [(results["base"]["report"]["per_token"]["base"], results["base"]["metric_base"])]}
-    for arm in results["arms"]:
-        report = arm["final"]["report"]
-        if arm["arm"] == "control":
-            rows.setdefault("control (plain LM)", []).append((report["per_token"]["base"], arm["final"]["metric_base"]))
-        else:
-            rows.setdefault("Quiet-STaR, base prediction", []).append((report["per_token"]["base"], arm["final"]["metric_base"]))
-            rows.setdefault("Quiet-STaR, thinking", []).append((report["per_token"]["thinking"], arm["final"]["metric_thinking"]))
-    summary = {}
-    for name, runs in rows.items():
-        deciles = [by_decile(reference, {"nll": torch.tensor(nll, dtype=torch.float64)}) for nll, _ in runs]
-        summary[name] = {
-            "nll": _mean_std([statistics.fmean(nll) for nll, _ in runs]),
-            "hard_nll": _mean_std([d[-1]["nll"] for d in deciles]),
-            "metric": _mean_std([metric for _, metric in runs]),
-            "deciles": [_mean_std([d[i]["nll"] for d in deciles]) for i in range(len(deciles[0]))],
-            "seeds": len(runs),
-        }
-    return summary
-
-
-def _fmt(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "-"
-    return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat["n"] > 1 else "")
-
-
-def results_markdown(results: dict) -> str:
-    cfg, summary = results["config"], results["summary"]
-    run = cfg["run"]
-    lines = [
-        f"# {cfg['name']}",
-        "",
-        f"Model {run['model']['path']}; N {run['thought']['n_thought_tokens']}, K {run['thought']['n_talk_tokens']}, "
-        f"P {run['thought']['n_passes']}, L {run['data']['seq_len']}; {run['optim']['steps']} steps of "
-        f"{run['optim']['batch_size']} x {run['optim']['grad_accum']} sequences at lr {run['optim']['lr']}; "
-        f"training seeds {cfg['training_seeds']} (mean ± population std over seeds); held-out: "
-        f"{results['base']['report']['n_tokens']} tokens, thought seeds {cfg['heldout']['seeds']}; "
-        f"wall {results['wall_s']:.0f} s.",
-        "",
-        "| model | held-out NLL | hardest 10% (by untouched base) | GSM8K-style metric |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {name} | {_fmt(s['nll'])} | {_fmt(s['hard_nll'])} | {_fmt(s['metric'])} |" for name, s in summary.items()]
-    lines += ["", "Held-out NLL by decile of the untouched base's per-token NLL (10 = hardest):", "",
-              "| decile | " + " | ".join(summary) + " |", "|---|" + "---|" * len(summary)]
-    n_deciles = len(next(iter(summary.values()))["deciles"])
-    for i in range(n_deciles):
-        lines.append(f"| {i + 1} | " + " | ".join(_fmt(s["deciles"][i]) for s in summary.values()) + " |")
-    return "\n".join(lines) + "\n"
+    for d, part in zip(dirs[1:], parts[1:]):
+        if comparable(part["config"]) != comparable(first["config"]):
+            raise ConfigError(f"{d} ran another config than {dirs[0]} (beyond training_seeds, output_dir, name): not merged")
+    seen = set()
+    for d, part in zip(dirs, parts):
+        for run in part["runs"]:
+            if (run["arm"], run["seed"]) in seen:
+                raise ConfigError(f"{d} repeats {run['arm']} seed {run['seed']}: merge experiments of different seeds")
+            seen.add((run["arm"], run["seed"]))
+    config = {**first["config"], "training_seeds": sorted({s for p in parts for s in p["config"]["training_seeds"]})}
+    return {"config": config, "base": first["base"], "runs": [run for p in parts for run in p["runs"]],
+            "wall_s": sum(p.get("wall_s", 0.0) for p in parts), "merged_from": [str(d) for d in dirs]}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="quietstar-experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="experiment YAML (train/experiments/*.yaml)")
+    p.add_argument("--config", help="experiment YAML (train/experiments/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. run.optim.steps=50")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="merge the results.json of experiments run with different seeds")
+    p.add_argument("--report", metavar="DIR", help="write the tables and plots of DIR/results.json again")
+    p.add_argument("--output-dir", help="where --merge writes (default: the first DIR's parent / merged)")
     args = p.parse_args(argv)
     try:
-        cfg = load_experiment_config(args.config, args.set)
+        if args.merge:
+            out = Path(args.output_dir or Path(args.merge[0]).parent / "merged")
+            results = write_report(merge_results(args.merge), out)
+        elif args.report:
+            out = Path(args.report)
+            results = write_report(json.loads((out / "results.json").read_text(encoding="utf-8")), out)
+        elif args.config:
+            cfg = load_experiment_config(args.config, args.set)
+            out = Path(cfg.output_dir)
+            results = run_experiment(cfg)
+        else:
+            p.error("give --config (run an experiment), --merge DIR... or --report DIR")
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"quietstar-experiment: {err}")
-    results = run_experiment(cfg)
     print(results_markdown(results))
-    print(f"wrote {Path(cfg.output_dir) / 'results.md'}, results.json, curves.png, deciles.png")
+    print(f"wrote {out / 'results.md'}, results.json, curves.png, deciles.png, decile_deltas.png")
 
 
 if __name__ == "__main__":
