@@ -39,7 +39,13 @@ def test_every_arm_and_student_trains_and_is_scored_on_the_same_tokens(tiny_run)
     assert "kl" in runs["distill_from_thinking"]["history"][-1]
     # The curriculum thought with N 3 for steps 0-1, then 2 (the schedule counts steps from 0).
     assert [h["n_thought_tokens"] for h in runs["curriculum"]["history"]] == [3, 3, 2, 2]
-    # Teachers were exported for their students, then removed (students.keep_teachers false).
+    # Each student learned from its own teacher's export, which was then removed (students.keep_teachers false).
+    import yaml
+
+    for kind in ("ntp_policy", "distill"):
+        for teacher in ("thinking", "curriculum"):
+            stage = yaml.safe_load((out / f"{kind}_from_{teacher}_seed0" / "config.yaml").read_text())["stage"]
+            assert stage["kind"] == kind and Path(stage["teacher"]) == out / f"{teacher}_seed0" / "final"
     assert not (out / "thinking_seed0" / "final").exists() and not (out / "curriculum_seed0" / "final").exists()
     base = results["base"]["rows"]["untouched base"]["per_token"]
     assert set(base) == {"generated", "other_style"} and all(len(v) > 10 for v in base.values())

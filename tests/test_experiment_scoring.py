@@ -80,8 +80,9 @@ def test_champ_text_is_the_human_written_problems_and_solutions():
     assert text.count("Problem: ") == 270 and text == other_style_text("champ")
     for ident in ("P_Combinatorics_1", sorted(raw)[-1]):
         p = raw[ident]
-        block = format_problem(p["_text"], [s["_text"] for s in p["solution"]["steps"]], p["_answer"])
-        assert block in text
+        steps = " ".join(s["_text"].strip() for s in p["solution"]["steps"])
+        block = f"Problem: {p['_text'].strip()}\nSolution: {steps}\nAnswer: {p['_answer'].strip()}\n"
+        assert block in text and block == format_problem(p["_text"], [s["_text"] for s in p["solution"]["steps"]], p["_answer"])
         for annotation in p.get("fws_annotations", {}).values():  # model-written solutions stay out
             assert annotation["text"].strip()[:200] not in text
     assert champ_text(limit=3).count("Problem: ") == 3

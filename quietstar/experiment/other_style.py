@@ -14,6 +14,7 @@ which are left out.
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -27,15 +28,20 @@ def format_problem(problem: str, steps: list[str], answer: str) -> str:
 
 
 def champ_problems() -> list[dict]:
-    """CHAMP's problems in their identifier order: ``{"id", "problem", "steps", "answer"}``."""
+    """CHAMP's problems in their identifier order: ``{"id", "problem", "steps", "answer"}`` (a fresh list)."""
+    return [dict(p) for p in _champ_problems()]
+
+
+@functools.lru_cache(maxsize=1)
+def _champ_problems() -> tuple[dict, ...]:  # the package parses 72 MB of JSON: once per process
     try:
         import champ_dataset
     except ImportError as err:
         raise ConfigError("heldout.other_style 'champ' needs the CHAMP dataset package: pip install champ-dataset "
                           "(or pip install -e '.[experiment]'); or set heldout.other_style to a text file or null") from err
     dataset = champ_dataset.load("v0")
-    return [{"id": ident, "problem": p.text, "steps": [s.text for s in p.solution.steps], "answer": p.answer}
-            for ident, p in sorted(dataset.problems.items())]
+    return tuple({"id": ident, "problem": p.text, "steps": [s.text for s in p.solution.steps], "answer": p.answer}
+                 for ident, p in sorted(dataset.problems.items()))
 
 
 def champ_text(limit: int | None = None, seed: int = 0) -> str:
