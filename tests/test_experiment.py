@@ -77,7 +77,7 @@ def test_the_table_and_plots_show_every_row_against_the_untouched_base(tiny_run)
     untouched = summary["untouched base"]["texts"]["generated"]
     assert untouched["delta_nll"]["mean"] == 0.0 and len(untouched["deciles"]) == 10
     table = (out / "results.md").read_text()
-    assert "| NTP (Fast Quiet-STaR) from Quiet-STaR | 1.0 |" in table and "other_style: NLL" in table
+    assert "| NTP (Fast Quiet-STaR) from Quiet-STaR | 1 | 1.0 |" in table and "other_style: NLL" in table
     assert table.count("by decile of the untouched base") == 2  # one decile table per held-out text
     for name in ("curves.png", "deciles.png", "decile_deltas.png"):
         data = (out / name).read_bytes()
@@ -100,6 +100,8 @@ def test_seeds_run_apart_merge_into_one_table_and_a_repeat_is_refused(tiny_run, 
     assert merged["config"]["training_seeds"] == [0, 1] and len(merged["runs"]) == 2 * len(results["runs"])
     assert merged["summary"]["distilled from Quiet-STaR"]["seeds"] == 2
     assert (tmp_path / "all" / "decile_deltas.png").is_file()
+    with pytest.raises(ConfigError, match="no results.json in"):
+        merge_results([str(out), str(tmp_path / "none")])
     with pytest.raises(ConfigError, match="repeats thinking seed 0"):
         merge_results([str(out), str(out)])
     other["config"]["run"]["optim"]["lr"] = 0.5

@@ -194,6 +194,9 @@ def write_report(results: dict, out: Path) -> dict:
 
 def merge_results(dirs: list[str]) -> dict:
     """One ``results`` from experiments that ran different seeds of the same config (e.g. in parallel)."""
+    missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
+    if missing:
+        raise ConfigError(f"no results.json in {missing}: an experiment writes it once its first run is scored")
     parts = [json.loads((Path(d) / "results.json").read_text(encoding="utf-8")) for d in dirs]
     first = parts[0]
 

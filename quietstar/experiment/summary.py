@@ -91,7 +91,8 @@ def _header(results: dict) -> list[str]:
         f"P {run['thought']['n_passes']}, L {run['data']['seq_len']}; {run['optim']['steps']} steps of "
         f"{run['optim']['batch_size']} x {run['optim']['grad_accum']} sequences at lr {run['optim']['lr']}; "
         f"training seeds {cfg['training_seeds']} (mean ± population std over seeds); scored tokens: {tokens}; "
-        f"thought seeds {cfg['heldout']['seeds']}; wall {results.get('wall_s', 0):.0f} s. Arm overrides: "
+        f"thought seeds {cfg['heldout']['seeds']}; wall {results.get('wall_s', 0):.0f} s"
+        + (" (summed over the merged parts)" if results.get("merged_from") else "") + ". Arm overrides: "
         + "; ".join(f"{name} {arm['overrides']}" for name, arm in cfg["arms"].items() if arm["enabled"])
         + (f"; students {cfg['students']['kinds']} from {cfg['students']['teachers']} with {cfg['students']['overrides']}"
            if cfg["students"]["kinds"] else "") + ".",
@@ -105,15 +106,15 @@ def results_markdown(results: dict) -> str:
     summary = results["summary"]
     texts = list(next(iter(summary.values()))["texts"])
     lines = _header(results)
-    lines += ["", "| row | steps / token | s / token | " + " | ".join(
+    lines += ["", "| row | seeds | steps / token | s / token | " + " | ".join(
         f"{t}: NLL | vs untouched | hardest 10% | vs untouched" for t in texts) + " | GSM8K-style metric |",
-        "|---|---|---|" + "---|---|---|---|" * len(texts) + "---|"]
+        "|---|---|---|---|" + "---|---|---|---|" * len(texts) + "---|"]
     for label, s in summary.items():
         cells = []
         for t in texts:
             ts = s["texts"][t]
             cells += [fmt(ts["nll"]), fmt(ts["delta_nll"], signed=True), fmt(ts["hard_nll"], 3), fmt(ts["delta_hard_nll"], 3, True)]
-        lines.append(f"| {label} | {fmt(s['forward_steps'], 1)} | {fmt(s['seconds_per_token'], 3)} | " + " | ".join(cells)
+        lines.append(f"| {label} | {s['seeds']} | {fmt(s['forward_steps'], 1)} | {fmt(s['seconds_per_token'], 3)} | " + " | ".join(cells)
                      + f" | {fmt(s['metric'])} |")
     for t in texts:
         lines += ["", f"NLL minus the untouched base's, by decile of the untouched base's per-token NLL (10 = hardest), "
