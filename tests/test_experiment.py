@@ -146,7 +146,7 @@ def test_bad_experiment_config_is_refused_clearly():
         load_experiment_config(TINY, ["arms.curriculum.enabled=false"])
     with pytest.raises(ConfigError, match="unknown \\['ntp'\\]"):
         load_experiment_config(TINY, ["students.kinds=[ntp]"])
-    with pytest.raises(ConfigError, match="'control' is not a thinking arm"):
+    with pytest.raises(ConfigError, match="'control' is neither a thinking arm"):
         load_experiment_config(TINY, ["students.teachers=[control]"])
     with pytest.raises(ConfigError, match="students.overrides: .*unknown config key 'stage.kl_weigth'"):
         load_experiment_config(TINY, ['students.overrides=["stage.kl_weigth=2"]'])
@@ -154,3 +154,25 @@ def test_bad_experiment_config_is_refused_clearly():
         load_experiment_config("train/experiments/nope.yaml")
     cfg = load_experiment_config(TINY, ["run.thought.policy_loss_weight=2.5", "heldout.every=3"])
     assert cfg.run.thought.policy_loss_weight == 2.5 and cfg.heldout.every == 3
+
+
+def test_students_can_learn_from_a_teacher_folder_trained_elsewhere(tmp_path):
+    from quietstar.experiment.runner import load_experiment_config, run_experiment
+    from quietstar.loading import load_model
+    from quietstar.training.config import ConfigError
+
+    teacher, tokenizer = load_model("tiny-random-llama", thought={"n_thought_tokens": 2, "n_talk_tokens": 2})
+    folder = tmp_path / "elsewhere" / "final"
+    teacher.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    only_students = ["arms.thinking.enabled=false", "arms.control.enabled=false", "arms.curriculum.enabled=false",
+                     "students.kinds=[distill]", "heldout.other_style=null", "metric_limit=0", "heldout.every=0",
+                     "run.optim.steps=2", f"output_dir={tmp_path / 'exp'}"]
+    with pytest.raises(ConfigError, match="neither a thinking arm .* nor a saved Quiet-STaR folder"):
+        load_experiment_config(TINY, [*only_students[1:], f"students.teachers=[{tmp_path}]"])
+    with pytest.raises(ConfigError, match="every arm is disabled"):
+        load_experiment_config(TINY, [*only_students, f"students.teachers=[{tmp_path}]"])
+    results = run_experiment(load_experiment_config(TINY, [*only_students, f"students.teachers=[{folder}]"]))
+    assert [(r["arm"], list(r["rows"])) for r in results["runs"]] == [("distill_from_elsewhere_final",
+                                                                       ["distilled from elsewhere/final"])]
+    assert (folder / "config.json").is_file()  # a teacher given as a folder is never removed

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ..loading import is_saved_quietstar
 from ..training.config import ConfigError, RunConfig
 from ..training.config_loading import apply_overrides, from_dict
 from ..training.stage_config import KINDS
@@ -69,7 +70,8 @@ class StudentsConfig:
     """Fast Quiet-STaR's NTP stage: a thought-free student trained toward each exported thinking arm."""
 
     kinds: list[str] = field(default_factory=list)  # "ntp_policy" (the paper's), "distill"; [] = no students
-    teachers: list[str] = field(default_factory=lambda: list(THINKING_ARMS))  # enabled thinking arms
+    # Enabled thinking arms, or saved Quiet-STaR folders (a quietstar-train run's final/) trained elsewhere.
+    teachers: list[str] = field(default_factory=lambda: list(THINKING_ARMS))
     # Changes to `run` for the students (their optimiser, stage.* settings); the runner sets stage.kind
     # and stage.teacher.
     overrides: list[str] = field(default_factory=list)
@@ -122,8 +124,9 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("heldout.every must be >= 0 and heldout.max_windows / final_max_windows >= 1")
     if cfg.cost.prompt_tokens < 1 or cfg.cost.new_tokens < 1 or cfg.cost.repeats < 1:
         raise ConfigError("cost.prompt_tokens, cost.new_tokens and cost.repeats must be >= 1")
-    if not enabled_arms(cfg):
-        raise ConfigError("every arm is disabled: enable arms.thinking, arms.control or arms.curriculum")
+    if not enabled_arms(cfg) and not (cfg.students.kinds and all(map(is_saved_quietstar, cfg.students.teachers))):
+        raise ConfigError("every arm is disabled: enable arms.thinking, arms.control or arms.curriculum, or train "
+                          "students only, from teachers that are saved Quiet-STaR folders")
     for name in enabled_arms(cfg):
         run = arm_run(cfg, getattr(cfg.arms, name).overrides, where=f"arms.{name}.overrides")
         if name == "curriculum" and run.thought.schedule is None:
@@ -136,8 +139,11 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"students.kinds: unknown {unknown}; use any of {list(KINDS)}")
     if cfg.students.kinds:
         for teacher in cfg.students.teachers:
+            if teacher not in THINKING_ARMS and is_saved_quietstar(teacher):
+                continue  # a thinking model trained elsewhere
             if teacher not in THINKING_ARMS:
-                raise ConfigError(f"students.teachers: {teacher!r} is not a thinking arm; use any of {list(THINKING_ARMS)}")
+                raise ConfigError(f"students.teachers: {teacher!r} is neither a thinking arm ({list(THINKING_ARMS)}) "
+                                  "nor a saved Quiet-STaR folder")
             if not getattr(cfg.arms, teacher).enabled:
                 raise ConfigError(f"students.teachers names {teacher!r}, but arms.{teacher} is disabled: enable it or drop it")
         if not cfg.students.teachers:

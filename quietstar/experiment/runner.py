@@ -53,8 +53,18 @@ def row_labels(arm: str, rows: dict) -> dict:
     return {f"{ARM_LABELS[arm]}, {name}": row for name, row in rows.items()}
 
 
+def teacher_name(teacher: str) -> str:
+    """A thinking arm's label, or a teacher folder's own name (``runs/x/final`` -> ``x/final``)."""
+    return ARM_LABELS.get(teacher) or "/".join(Path(teacher).parts[-2:])
+
+
 def student_label(kind: str, teacher: str) -> str:
-    return f"{STUDENT_LABELS[kind]} from {ARM_LABELS[teacher]}"
+    return f"{STUDENT_LABELS[kind]} from {teacher_name(teacher)}"
+
+
+def student_arm(kind: str, teacher: str) -> str:
+    """The student's run name (its output folder's stem)."""
+    return f"{kind}_from_{teacher if teacher in ARM_LABELS else teacher_name(teacher).replace('/', '_')}"
 
 
 def _finish_run(run: RunConfig, name: str, seed: int, cfg: ExperimentConfig, train_file: Path, export: bool) -> RunConfig:
@@ -76,7 +86,7 @@ def arm_config(cfg: ExperimentConfig, arm: str, seed: int, train_file: Path, exp
 
 def student_config(cfg: ExperimentConfig, kind: str, teacher: str, teacher_dir: str, seed: int, train_file: Path) -> RunConfig:
     run = arm_run(cfg, cfg.students.overrides, stage={"kind": kind, "teacher": teacher_dir}, where="students.overrides")
-    return _finish_run(run, f"{kind}_from_{teacher}", seed, cfg, train_file, export=False)
+    return _finish_run(run, student_arm(kind, teacher), seed, cfg, train_file, export=False)
 
 
 def train_and_score(run: RunConfig, cfg: ExperimentConfig, texts: dict, tokenizer, examples, thinking: bool) -> dict:
@@ -134,12 +144,12 @@ def run_seed(cfg: ExperimentConfig, seed: int, train_file: Path, texts: dict, to
     for teacher in cfg.students.teachers if cfg.students.kinds else []:
         for kind in cfg.students.kinds:
             print(f"== {kind} student of {teacher}, seed {seed}", flush=True)
-            run = student_config(cfg, kind, teacher, exports[teacher], seed, train_file)
+            run = student_config(cfg, kind, teacher, exports.get(teacher, teacher), seed, train_file)  # arm or folder
             result = train_and_score(run, cfg, texts, tokenizer, examples, thinking=False)
             result.pop("export_dir")
-            record({"arm": f"{kind}_from_{teacher}", "seed": seed, **result,
+            record({"arm": student_arm(kind, teacher), "seed": seed, **result,
                     "rows": {student_label(kind, teacher): result["rows"][BASE]}})
-        if not cfg.students.keep_teachers:
+        if teacher in exports and not cfg.students.keep_teachers:  # this run's export; a given folder stays
             shutil.rmtree(exports[teacher], ignore_errors=True)
 
 
