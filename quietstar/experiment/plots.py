@@ -54,50 +54,40 @@ def plot_curves(results: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_deciles(results: dict, path: str | Path) -> None:
-    """Final held-out NLL by decile of the untouched base's per-token NLL, one line per row (seed mean),
-    one panel per held-out text."""
-    plt = _pyplot()
-    summary = results["summary"]
-    texts = list(next(iter(summary.values()))["texts"])
-    fig, axes = plt.subplots(1, len(texts), figsize=(8 * len(texts), 5), squeeze=False)
-    for ax, text in zip(axes[0], texts):
-        for name, row in summary.items():
-            deciles = row["texts"][text]["deciles"]
-            x = list(range(1, len(deciles) + 1))
-            ax.errorbar(x, [d["mean"] for d in deciles], yerr=[d["std"] or 0.0 for d in deciles], marker="o", capsize=3,
-                        label=name)
-        ax.set_xlabel("decile of the untouched base model's per-token NLL (10 = hardest)")
-        ax.set_ylabel("held-out NLL (nats)")
-        ax.set_title(f"Held-out NLL by difficulty: {text}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def plot_decile_deltas(results: dict, path: str | Path) -> None:
-    """Each row's NLL minus the untouched base's, by decile (seed mean ± std), one panel per held-out
-    text: at this scale the absolute curves overlap and hide the differences."""
+def _by_decile(results: dict, path: str | Path, field: str, *, deltas: bool) -> None:
+    """One panel per held-out text: each row's ``field`` (a list of per-decile mean/std) against the
+    untouched base's deciles; ``deltas``: differences from the untouched base (it is left out)."""
     plt = _pyplot()
     summary = results["summary"]
     texts = list(next(iter(summary.values()))["texts"])
     fig, axes = plt.subplots(1, len(texts), figsize=(8 * len(texts), 5.5), squeeze=False)
     for ax, text in zip(axes[0], texts):
-        for i, (name, row) in enumerate(r for r in summary.items() if r[0] != "untouched base"):
-            deltas = row["texts"][text]["delta_deciles"]
-            x = [d + 1 + (i - 3) * 0.04 for d in range(len(deltas))]  # small offsets keep error bars apart
-            ax.errorbar(x, [d["mean"] for d in deltas], yerr=[d["std"] or 0.0 for d in deltas], marker="o", capsize=2,
+        rows = [(name, row) for name, row in summary.items() if not (deltas and name == "untouched base")]
+        for i, (name, row) in enumerate(rows):
+            stats = row["texts"][text][field]
+            x = [d + 1 + (i - len(rows) / 2) * 0.02 for d in range(len(stats))]  # small offsets keep error bars apart
+            ax.errorbar(x, [d["mean"] for d in stats], yerr=[d["std"] or 0.0 for d in stats], marker="o", capsize=2,
                         label=name)
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        # Linear within +-0.05 nats, logarithmic beyond: a collapsed row (+5 nats) and a 0.01-nat gain both read.
-        ax.set_yscale("symlog", linthresh=0.05)
+        if deltas:
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            # Linear within +-0.05 nats, logarithmic beyond: a collapsed row (+5 nats) and a 0.01-nat gain both read.
+            ax.set_yscale("symlog", linthresh=0.05)
         ax.set_xlabel("decile of the untouched base model's per-token NLL (10 = hardest)")
-        ax.set_ylabel("NLL - untouched base NLL (nats, symlog; below 0 = better)")
-        ax.set_title(f"Difference from the untouched base: {text}")
+        ax.set_ylabel("NLL - untouched base NLL (nats, symlog; below 0 = better)" if deltas else "held-out NLL (nats)")
+        ax.set_title(f"{'Difference from the untouched base' if deltas else 'Held-out NLL by difficulty'}: {text}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def plot_deciles(results: dict, path: str | Path) -> None:
+    """Final held-out NLL by decile of the untouched base's per-token NLL, one line per row (seed mean ± std)."""
+    _by_decile(results, path, "deciles", deltas=False)
+
+
+def plot_decile_deltas(results: dict, path: str | Path) -> None:
+    """Each row's NLL minus the untouched base's, by decile (seed mean ± std): at this scale the absolute
+    curves overlap and hide the differences."""
+    _by_decile(results, path, "delta_deciles", deltas=True)
