@@ -14,7 +14,7 @@ import yaml
 
 from ..loading import is_saved_quietstar
 from ..training.config import ConfigError, RunConfig
-from ..training.config_loading import apply_overrides, from_dict
+from ..training.config_loading import apply_overrides, from_dict, to_dict
 from ..training.stage_config import KINDS
 from .corpus import GENERATED, CorpusConfig, check_corpus
 from .other_style import CHAMP
@@ -97,8 +97,6 @@ class ExperimentConfig:
 
 def arm_run(cfg: ExperimentConfig, overrides: list[str], stage: dict | None = None, where: str = "run") -> RunConfig:
     """``cfg.run`` with ``overrides`` applied (and, for a student, a ``stage`` section first)."""
-    from ..training.config_loading import to_dict
-
     data = to_dict(cfg.run)
     if stage is not None:
         data["stage"] = {**(data.get("stage") or {}), **stage}
